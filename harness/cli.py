@@ -1,0 +1,254 @@
+"""The `harness` command line. Thin: parse, call one function, print. torch is imported lazily
+so that `harness --help` stays fast."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from harness.errors import HarnessError
+
+
+class HarnessGroup(click.Group):
+    """Turns HarnessError (bad input, missing data) into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HarnessError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", envvar="HARNESS_DATA_DIR", default="data", show_default=True,
+              type=click.Path(file_okay=False), help="Directory holding the datasets (env HARNESS_DATA_DIR).")
+@click.option("--cache-dir", envvar="HARNESS_CACHE_DIR", default=None, type=click.Path(file_okay=False),
+              help="Cache of parsed datasets and pre-trained LID encoders (env HARNESS_CACHE_DIR; "
+                   "default ~/.cache/harness).")
+@click.option("--results-dir", envvar="HARNESS_RESULTS_DIR", default="results", show_default=True,
+              type=click.Path(file_okay=False), help="Where run records, tables and figures go.")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str, cache_dir: str | None, results_dir: str) -> None:
+    """Tune, ablate and reproduce IGR-SR and its baselines.
+
+    \b
+    Example:
+      harness train --model sasrec --dataset toys --data-dir ../shared/data
+    """
+    from harness.data.registry import cache_dir as default_cache
+
+    ctx.obj = {"data_dir": Path(data_dir), "cache_dir": default_cache(cache_dir),
+               "results_dir": Path(results_dir)}
+
+
+def trainer_options(f):
+    """The trainer flags every command that trains accepts."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True, help="Maximum epochs."),
+        click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Stop after this many epochs without a better validation NDCG@10."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Training samples per batch."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
+        click.option("--seed", type=int, default=2020, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--mask-history", is_flag=True, help="Exclude each user's history items from the ranking."),
+        click.option("--max-len", type=click.IntRange(min=1), default=50, show_default=True,
+                     help="History length (most recent items)."),
+        click.option("--data-dir", "cmd_data_dir", type=click.Path(file_okay=False), default=None,
+                     help="Overrides the group's --data-dir."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def train_config(kw: dict):
+    from harness.train import TrainConfig
+
+    return TrainConfig(epochs=kw["epochs"], patience=kw["patience"], batch_size=kw["batch_size"], lr=kw["lr"],
+                       weight_decay=kw["weight_decay"], seed=kw["seed"], device=kw["device"],
+                       mask_history=kw["mask_history"], max_len=kw["max_len"])
+
+
+def run_spec(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], kw: dict):
+    from harness.config import parse_params
+    from harness.runs import RunSpec
+
+    return RunSpec(model=model, dataset=dataset, train=train_config(kw), params=parse_params(params),
+                   data_dir=Path(kw["cmd_data_dir"]) if kw["cmd_data_dir"] else ctx.obj["data_dir"],
+                   cache_dir=ctx.obj["cache_dir"], lid_epochs=kw.get("lid_epochs", 200))
+
+
+@cli.command()
+@click.option("--model", required=True, help="A registered model, e.g. sasrec, igr-sr, igr-sr/wo-icr.")
+@click.option("--dataset", required=True, help="toys, instrument, cds_and_vinyl, synthetic[-SCALE] or a file path.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable).")
+@click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Epoch cap for pre-training IGR-SR's LID encoder (early-stopped; cached).")
+@trainer_options
+@click.pass_context
+def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], **kw) -> None:
+    """Train one model and print validation and test metrics.
+
+    \b
+    Example:
+      harness train --model igr-sr --dataset toys --param d_l=32 --param k=8 --param m=3
+    """
+    from harness.runs import run, save_record
+
+    spec = run_spec(ctx, model, dataset, params, kw)
+    record = run(spec, progress=True)
+    path = save_record(record, ctx.obj["results_dir"])
+    _print_result(record)
+    click.echo(f"run record: {path}")
+
+
+def _print_result(record) -> None:
+    from rich.table import Table
+
+    from harness.metrics import METRIC_NAMES
+
+    res = record.result
+    table = Table(title=f"{record.model} on {record.dataset} (seed {record.seed}, best epoch "
+                        f"{res['best_epoch']} of {res['epochs_run']})")
+    table.add_column("split")
+    for name in METRIC_NAMES:
+        table.add_column(name, justify="right")
+    for split in ("valid", "test"):
+        table.add_row(split, *(f"{res[split][m]:.4f}" for m in METRIC_NAMES))
+    _console().print(table)
+    curves = res["curves"]
+    if curves:
+        mean_train = sum(c["train_seconds"] for c in curves) / len(curves)
+        mean_eval = sum(c["eval_seconds"] for c in curves) / len(curves)
+        click.echo(f"{mean_train:.1f} s per training epoch, {mean_eval:.1f} s per validation; "
+                   f"{res['stopped']}; total {record.seconds:.0f} s")
+
+
+@cli.command()
+@click.option("--model", required=True)
+@click.option("--dataset", required=True)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE")
+@click.option("--batches", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training batches to time.")
+@trainer_options
+@click.pass_context
+def bench(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], batches: int, **kw) -> None:
+    """Time training batches and one full evaluation; print FLOPs, FLOP/s and MFU.
+
+    \b
+    Example:
+      harness bench --model sasrec --dataset toys --data-dir ../shared/data
+    """
+    from harness.bench import benchmark, format_report
+
+    spec = run_spec(ctx, model, dataset, params, kw)
+    report = benchmark(spec, n_batches=batches)
+    _console().print(format_report(report))
+
+
+@cli.group()
+def data() -> None:
+    """Datasets: list, stats, fetch, synthetic."""
+
+
+@data.command("list")
+@click.pass_context
+def data_list(ctx: click.Context) -> None:
+    """Known datasets and whether their files are present."""
+    from harness.data.registry import DATASETS
+
+    for name, info in DATASETS.items():
+        path = ctx.obj["data_dir"] / info.path
+        state = "present" if path.is_file() else "missing"
+        click.echo(f"{name:15s} {state:8s} {path}  ({info.description})")
+
+
+@data.command("stats")
+@click.argument("dataset")
+@click.pass_context
+def data_stats(ctx: click.Context, dataset: str) -> None:
+    """Print the paper's Table 1 columns for DATASET, checked against the paper.
+
+    \b
+    Example:
+      harness --data-dir ../shared/data data stats toys
+    """
+    from harness.data.registry import DATASETS, canonical_name, load
+    from harness.data.sequences import stats
+
+    seqs = load(dataset, ctx.obj["data_dir"], ctx.obj["cache_dir"])
+    for w in seqs.warnings:
+        click.echo(f"warning: {w}", err=True)
+    s = stats(seqs)
+    click.echo(f"dataset       {dataset} ({seqs.source})")
+    click.echo(f"#users        {s['users']:,}")
+    click.echo(f"#items        {s['items']:,}")
+    click.echo(f"#interactions {s['interactions']:,}")
+    click.echo(f"sparsity      {100 * s['sparsity']:.2f}%")
+    click.echo(f"avg length    {s['avg_length']:.2f}")
+    info = DATASETS.get(canonical_name(dataset))
+    if info is not None:
+        expected = {"users": info.users, "items": info.items, "interactions": info.interactions}
+        bad = [f"{k} {s[k]:,} != {v:,}" for k, v in expected.items() if s[k] != v]
+        if bad:
+            click.echo(f"MISMATCH with the paper's Table 1: {'; '.join(bad)}", err=True)
+            sys.exit(1)
+        click.echo(f"matches the paper's Table 1 (the paper lists {info.items + 1:,} items: it counts "
+                   "the padding id 0 as max_item + 1 code does)")
+
+
+@data.command("fetch")
+@click.argument("dataset")
+@click.option("--raw", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Use this already-downloaded raw file instead of downloading.")
+@click.option("--force", is_flag=True, help="Overwrite an existing processed file.")
+@click.pass_context
+def data_fetch(ctx: click.Context, dataset: str, raw: str | None, force: bool) -> None:
+    """Download DATASET's official raw file and preprocess it into the data directory.
+
+    \b
+    Example:
+      harness --data-dir data data fetch toys
+    """
+    from harness.data.fetch import fetch
+
+    path, report = fetch(dataset, ctx.obj["data_dir"], raw=Path(raw) if raw else None, force=force)
+    click.echo(f"wrote {path}: {report['users']:,} users, {report['items']:,} items, "
+               f"{report['interactions']:,} interactions")
+    for m in report.get("mismatches", []):
+        click.echo(f"warning: differs from the paper's Table 1: {m}", err=True)
+
+
+@data.command("synth")
+@click.option("--scale", type=click.Choice(["tiny", "toys", "instrument", "cds"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+def data_synth(scale: str, seed: int, out: str) -> None:
+    """Write a synthetic dataset with planted intents (sized like a real one with --scale)."""
+    from dataclasses import replace
+
+    from harness.data.sequences import write_sequences
+    from harness.data.synthetic import SCALES, generate
+
+    seqs = generate(replace(SCALES[scale], seed=seed))
+    write_sequences(out, seqs)
+    click.echo(f"wrote {out}: {len(seqs):,} users, {sum(len(s) for s in seqs):,} interactions")
+
+
+@cli.command("models")
+def list_models() -> None:
+    """List the registered models."""
+    import models
+
+    for name in models.names():
+        click.echo(f"{name:16s} {models.get(name).description}")

@@ -1,0 +1,110 @@
+"""Dataset registry: names -> sequence files under a data directory, or any path to a file.
+
+The data directory is `--data-dir`, else env HARNESS_DATA_DIR, else ./data. Processed
+arrays are cached under the cache directory (`--cache-dir`, env HARNESS_CACHE_DIR, else
+~/.cache/harness) keyed by the file's content hash, so a changed file is never served stale.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.data.sequences import SequenceData, file_hash, load_sequences
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    path: str  # relative to the data directory
+    users: int
+    items: int  # distinct item ids (the paper's Table 1 counts one more: the padding id)
+    interactions: int
+    raw_format: str  # "amazon2014-json" or "amazon2023-csv"
+    raw_url: str
+    description: str
+
+
+_SNAP = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+_HF = "https://huggingface.co/datasets/McAuley-Lab/Amazon-Reviews-2023/resolve/main/benchmark/5core/rating_only"
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
+    DatasetInfo("toys", "toys/Toys_and_Games.txt", 19412, 11924, 167597, "amazon2014-json",
+                f"{_SNAP}/reviews_Toys_and_Games_5.json.gz", "Amazon 2014 Toys_and_Games 5-core"),
+    DatasetInfo("instrument", "instrument/Musical_Instruments.txt", 57439, 24587, 511836, "amazon2023-csv",
+                f"{_HF}/Musical_Instruments.csv", "Amazon 2023 Musical_Instruments 5-core"),
+    DatasetInfo("cds_and_vinyl", "cds_and_vinyl/CDs_and_Vinyl.txt", 75258, 64443, 1097592, "amazon2014-json",
+                f"{_SNAP}/reviews_CDs_and_Vinyl_5.json.gz", "Amazon 2014 CDs_and_Vinyl 5-core"),
+    DatasetInfo("beauty", "beauty/Beauty.txt", 22363, 12101, 198502, "amazon2014-json",
+                f"{_SNAP}/reviews_Beauty_5.json.gz", "Amazon 2014 Beauty 5-core"),
+]}
+ALIASES = {"cds": "cds_and_vinyl", "instruments": "instrument", "toys_and_games": "toys"}
+
+SYNTHETIC_PREFIX = "synthetic"
+
+
+def data_dir(option: str | None = None) -> Path:
+    return Path(option or os.environ.get("HARNESS_DATA_DIR") or "data")
+
+
+def cache_dir(option: str | None = None) -> Path:
+    default = Path.home() / ".cache" / "harness"
+    return Path(option or os.environ.get("HARNESS_CACHE_DIR") or default)
+
+
+def canonical_name(name: str) -> str:
+    return ALIASES.get(name.lower(), name.lower())
+
+
+def is_path(name: str) -> bool:
+    return "/" in name or name.endswith(".txt") or Path(name).is_file()
+
+
+def resolve(name: str, data_dir_: Path, cache_dir_: Path | None = None) -> Path:
+    """The sequence file for a dataset name or path; a one-line error when it is missing."""
+    if name.startswith(SYNTHETIC_PREFIX):
+        from harness.data.synthetic import synthetic_file
+
+        return synthetic_file(name, cache_dir_ or cache_dir())
+    if canonical_name(name) in DATASETS:
+        info = DATASETS[canonical_name(name)]
+        path = data_dir_ / info.path
+        if path.is_file():
+            return path
+        raise HarnessError(
+            f"dataset {info.name!r} not found: looked for {path}. Get it with "
+            f"`harness data fetch {info.name} --data-dir {data_dir_}` (downloads {info.description} from "
+            f"{info.raw_url}), or point --data-dir / HARNESS_DATA_DIR at a directory holding {info.path}")
+    if is_path(name):
+        path = Path(name)
+        if not path.is_file():
+            raise HarnessError(f"dataset file {path} does not exist")
+        return path
+    known = ", ".join(sorted(DATASETS) + ["synthetic", "synthetic-toys", "synthetic-instrument", "synthetic-cds"])
+    raise HarnessError(f"unknown dataset {name!r}: use one of {known}, or a path to a `user item item ...` file")
+
+
+def load(name: str, data_dir_: Path, cache_dir_: Path) -> SequenceData:
+    """Load a dataset, using the content-hash cache of its parsed arrays."""
+    path = resolve(name, data_dir_, cache_dir_)
+    digest = file_hash(path)
+    cached = cache_dir_ / "datasets" / f"{digest[:16]}.npz"
+    if cached.is_file():
+        z = np.load(cached, allow_pickle=False)
+        return SequenceData(items=z["items"], offsets=z["offsets"], user_ids=z["user_ids"],
+                            n_items=int(z["n_items"]), source=str(path), content_hash=digest,
+                            warnings=[str(w) for w in z["warnings"]])
+    data = load_sequences(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, items=data.items, offsets=data.offsets, user_ids=data.user_ids,
+             n_items=data.n_items, warnings=np.array(data.warnings, dtype=str))
+    tmp.replace(cached)
+    return data
+
+
+def available(data_dir_: Path) -> list[str]:
+    return [n for n, info in DATASETS.items() if (data_dir_ / info.path).is_file()]

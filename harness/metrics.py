@@ -1,0 +1,56 @@
+"""Full-ranking metrics from the rank of each user's target among all items.
+
+Ranks are 0-based and pessimistic: every other item scoring at least as high as the target
+(ties included) is ranked above it, so a model that scores every item the same gets rank
+n_items - 1 and metrics near zero, never near one. Per-user ranks are kept so that any
+metric, and paired significance tests over the same users, can be computed later without
+re-running the model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+KS = (10, 20)
+METRIC_NAMES = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in KS)
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor,
+                 exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Pessimistic 0-based rank of `target` in each row of `scores` (B, n_items + 1).
+
+    Column 0 is the padding id and never ranked. `exclude` = (rows, items) pairs set to -inf
+    before ranking (history masking); the target itself is never excluded.
+    """
+    scores = scores.float().clone()
+    scores[:, 0] = -torch.inf
+    scores = torch.nan_to_num(scores, nan=-torch.inf)  # a NaN never outranks anything
+    if exclude is not None:
+        rows, items = exclude
+        keep = items != target[rows]
+        scores[rows[keep], items[keep]] = -torch.inf
+    t = scores.gather(1, target[:, None])
+    ahead = (scores > t).sum(1) + (scores == t).sum(1) - 1  # ties count against the target
+    # a target scored -inf (e.g. NaN) ranks last among the real items
+    n_real = scores.shape[1] - 1
+    return torch.where(torch.isneginf(t[:, 0]), torch.full_like(ahead, n_real - 1), ahead)
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    ranks = np.asarray(ranks)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(np.mean(ranks < k))
+    for k in ks:
+        out[f"ndcg@{k}"] = float(np.mean(per_user_ndcg(ranks, k)))
+    return out
+
+
+def per_user_ndcg(ranks: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k of one held-out target per user: 1/log2(rank + 2) inside the top k, else 0."""
+    ranks = np.asarray(ranks)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def per_user_recall(ranks: np.ndarray, k: int) -> np.ndarray:
+    return (np.asarray(ranks) < k).astype(np.float64)

@@ -1,0 +1,169 @@
+"""One training run end to end: dataset -> model (with its pre-trained LID if it needs one) ->
+shared trainer -> run record (JSON + per-user ranks) under results/runs/.
+
+Used by `harness train` and by every command that trains (tune, ablate, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness import config as config_mod
+from harness.data import registry as datasets
+from harness.data.split import LeaveOneOut
+from harness.errors import HarnessError
+from harness.train import EpochCallback, FitResult, TrainConfig, fit, resolve_device, seed_everything
+
+
+@dataclass
+class RunSpec:
+    model: str
+    dataset: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    params: dict[str, Any] = field(default_factory=dict)  # model config overrides (raw or typed)
+    data_dir: Path = Path("data")
+    cache_dir: Path = Path.home() / ".cache" / "harness"
+    lid_epochs: int = 200  # pre-training recipe of the LID encoder (its own early stopping)
+    lid_patience: int = 10
+
+
+@dataclass
+class RunRecord:
+    model: str
+    dataset: str
+    data_hash: str
+    seed: int
+    model_config: dict
+    train_config: dict
+    result: dict
+    lid: dict | None
+    environment: dict
+    started: str
+    seconds: float
+    valid_ranks: np.ndarray | None = None
+    test_ranks: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("valid_ranks"), d.pop("test_ranks")
+        return d
+
+
+def load_data(spec: RunSpec) -> LeaveOneOut:
+    seqs = datasets.load(spec.dataset, spec.data_dir, spec.cache_dir)
+    return LeaveOneOut(seqs, max_len=spec.train.max_len)
+
+
+def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
+    """The model with everything it requires (a pre-trained LID), and that requirement's info."""
+    import models
+
+    try:
+        model_spec = models.get(spec.model)
+    except KeyError as e:
+        raise HarnessError(str(e.args[0])) from None
+    typed = config_mod.coerce(model_spec.config_cls, spec.params)
+    if typed.get("max_len", spec.train.max_len) != spec.train.max_len:
+        raise HarnessError("--param max_len: the history length is a trainer setting; use --max-len")
+    if any(f.name == "max_len" for f in dataclasses.fields(model_spec.config_cls)):
+        typed["max_len"] = spec.train.max_len
+    try:
+        model_cfg = model_spec.make_config(**typed)
+    except ValueError as e:
+        raise HarnessError(f"--param: {e}") from None
+    deps, lid_info = {}, None
+    if "lid" in model_spec.needs(model_cfg):
+        deps["lid"], lid_info = pretrained_lid_for(spec, data, model_cfg, progress)
+    seed_everything(spec.train.seed)  # the model's own init does not depend on pre-training
+    try:
+        model = model_spec.build(model_cfg, data.n_items, **deps)
+    except ValueError as e:
+        raise HarnessError(f"{spec.model}: {e}") from None
+    return model, model_cfg, lid_info
+
+
+def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bool):
+    from harness.cache import lid_encoder_config, pretrained_lid
+
+    enc_cfg = lid_encoder_config(model_cfg.d_l, model_cfg)
+    lid_train = dataclasses.replace(spec.train, epochs=spec.lid_epochs, patience=spec.lid_patience,
+                                    mask_history=False)
+    recipe = {k: v for k, v in dataclasses.asdict(lid_train).items()
+              if k not in ("device", "eval_batch_size")}
+
+    def pretrain(encoder) -> dict:
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) "
+                                       f"on {spec.dataset}; cached for later runs")
+        result = fit(encoder, data, lid_train, progress=progress)
+        return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run}
+
+    encoder, info, cached = pretrained_lid(spec.cache_dir, data.data.content_hash, enc_cfg, data.n_items,
+                                           recipe, pretrain)
+    return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
+
+
+def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True) -> RunRecord:
+    started = dt.datetime.now(dt.timezone.utc)
+    resolve_device(spec.train.device)  # fail on a bad --device before any work
+    data = load_data(spec)
+    model, model_cfg, lid_info = build_model(spec, data, progress)
+    result: FitResult = fit(model, data, spec.train, on_epoch=on_epoch, progress=progress)
+    return RunRecord(
+        model=spec.model, dataset=spec.dataset, data_hash=data.data.content_hash, seed=spec.train.seed,
+        model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(spec.train),
+        result=result.summary(), lid=lid_info, environment=environment(),
+        started=started.isoformat(timespec="seconds"),
+        seconds=(dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
+        valid_ranks=result.valid_ranks, test_ranks=result.test_ranks)
+
+
+def save_record(record: RunRecord, results_dir: Path) -> Path:
+    """Write `<stamp>-<model>-<dataset>-s<seed>.json` and `.npz` (never overwrites)."""
+    out = results_dir / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = record.started.replace(":", "").replace("-", "")[:15]
+    name = f"{stamp}-{record.model.replace('/', '_')}-{Path(record.dataset).stem}-s{record.seed}"
+    path, n = out / f"{name}.json", 1
+    while path.exists():
+        n += 1
+        path = out / f"{name}-{n}.json"
+    np.savez_compressed(path.with_suffix(".npz"), valid_ranks=record.valid_ranks, test_ranks=record.test_ranks)
+    path.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    return path
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for pkg in ("optuna", "pandas"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    return {"git_commit": git_commit(), "versions": versions, "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def git_commit() -> str:
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,224 @@
+"""The one shared trainer: `fit` trains any registered model, `evaluate` ranks all items.
+
+Adam, early stopping on validation NDCG@10 with patience, the best epoch's weights restored,
+then validation and test evaluated once on them. A per-epoch callback receives the epoch's
+validation metrics (Optuna pruning plugs in here; it may raise to stop the run). The model
+brings its own objective through `loss(batch)`, so contrastive terms, cloze masking or
+per-epoch k-means (via `on_epoch_start`) all use this same loop.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harness.data.split import LeaveOneOut
+from harness.errors import HarnessError
+from harness.metrics import metrics_from_ranks, target_ranks
+
+SELECT_METRIC = "ndcg@10"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    patience: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    seed: int = 2020
+    device: str = "auto"
+    mask_history: bool = False
+    max_len: int = 50
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    curves: list[dict] = field(default_factory=list)
+    valid: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    valid_ranks: np.ndarray | None = None
+    test_ranks: np.ndarray | None = None
+    stopped: str = ""  # why training ended: "early stop", "max epochs"
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("valid_ranks"), d.pop("test_ranks")
+        return d
+
+
+class TrainingDiverged(HarnessError):
+    pass
+
+
+EpochCallback = Callable[[int, dict], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HarnessError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HarnessError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: LeaveOneOut, split: str, device: torch.device,
+             mask_history: bool = False, batch_size: int = 1024) -> np.ndarray:
+    """Per-user 0-based pessimistic ranks of the split's target over all items (user order)."""
+    was_training = model.training
+    model.eval()
+    ranks = np.empty(data.n_users, dtype=np.int64)
+    for batch in data.eval_batches(split, batch_size):
+        users = batch.users.numpy()
+        batch = batch.to(device)
+        with autocast(device):
+            scores = model.scores(batch)
+        exclude = None
+        if mask_history:
+            rows, items = data.history_index(users, split)
+            exclude = (torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device))
+        ranks[users] = target_ranks(scores, batch.target, exclude).cpu().numpy()
+    model.train(was_training)
+    return ranks
+
+
+def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
+        on_epoch: EpochCallback | None = None, progress: bool = True) -> FitResult:
+    """Train `model` on `data` and return metrics of its best validation epoch."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    layout = getattr(model, "layout", "sequence")
+
+    best_value, best_epoch, best_state = -1.0, 0, None
+    curves: list[dict] = []
+    stopped = "max epochs"
+    display = _Display(progress)
+    with display:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            model.on_epoch_start(epoch)
+            t0 = time.perf_counter()
+            batches = data.train_batches(layout, cfg.batch_size, rng)
+            loss_sum, parts_sum, n_seen = 0.0, {}, 0
+            display.start_epoch(epoch, len(batches))
+            for step, batch in enumerate(batches):
+                batch = batch.to(device)
+                with autocast(device):
+                    out = model.loss(batch)
+                loss = out["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                if not np.isfinite(value):
+                    raise TrainingDiverged(
+                        f"training diverged: loss is {value} at epoch {epoch}, batch {step + 1}; "
+                        f"try a lower --lr (now {cfg.lr:g})")
+                loss_sum += value
+                n_seen += 1
+                for key, v in out.items():
+                    if key != "loss":
+                        parts_sum[key] = parts_sum.get(key, 0.0) + float(v)
+                display.step(loss_sum / n_seen)
+            train_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            val_ranks = evaluate(model, data, "valid", device, cfg.mask_history, cfg.eval_batch_size)
+            val = metrics_from_ranks(val_ranks)
+            row = {"epoch": epoch, "loss": loss_sum / max(n_seen, 1),
+                   **{k: v / max(n_seen, 1) for k, v in parts_sum.items()},
+                   **{f"valid_{k}": v for k, v in val.items()},
+                   "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1}
+            curves.append(row)
+            improved = val[SELECT_METRIC] > best_value
+            if improved:
+                best_value, best_epoch = val[SELECT_METRIC], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            display.end_epoch(row, improved)
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+            if epoch - best_epoch >= cfg.patience:
+                stopped = f"early stop (no gain in validation {SELECT_METRIC} for {cfg.patience} epochs)"
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    valid_ranks = evaluate(model, data, "valid", device, cfg.mask_history, cfg.eval_batch_size)
+    test_ranks = evaluate(model, data, "test", device, cfg.mask_history, cfg.eval_batch_size)
+    return FitResult(best_epoch=best_epoch, epochs_run=len(curves), curves=curves,
+                     valid=metrics_from_ranks(valid_ranks), test=metrics_from_ranks(test_ranks),
+                     valid_ranks=valid_ranks, test_ranks=test_ranks, stopped=stopped)
+
+
+class _Display:
+    """A rich progress bar with the running loss, and one line per epoch."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.console = Console(stderr=True)
+            self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                                     TimeElapsedColumn(), console=self.console, transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, n_batches: int) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("train", total=n_batches, epoch=epoch, loss=float("nan"))
+
+    def step(self, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=loss)
+
+    def end_epoch(self, row: dict, improved: bool) -> None:
+        if self.progress is not None:
+            mark = " [green]*[/green]" if improved else ""
+            self.progress.console.print(
+                f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  "
+                f"valid ndcg@10 {row['valid_ndcg@10']:.4f} recall@10 {row['valid_recall@10']:.4f}  "
+                f"({row['train_seconds']:.1f}s train, {row['eval_seconds']:.1f}s eval){mark}")

@@ -1,0 +1,101 @@
+"""What the shared trainer needs from a model, and the transformer pieces the models share.
+
+A model is a torch module with two methods:
+- `loss(batch) -> dict[str, Tensor]`: its own training objective; key "loss" is minimised,
+  other keys (e.g. "ce", "cl") are logged.
+- `scores(batch) -> Tensor (B, n_items + 1)`: a score for every item id (column 0 is padding
+  and is never ranked) given each row's history.
+and a class attribute `layout` ("sequence" or "prefix", see harness/data/split.py) saying how
+it wants its training samples laid out. `on_epoch_start(epoch)` is an optional hook for models
+that recompute something each epoch (k-means intents). Models do no I/O.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SequentialRecommender(nn.Module):
+    layout: str = "sequence"
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def scores(self, batch) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) for linear and embedding weights, zero biases, unit LayerNorm (as RecBole)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(0.0, std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+    if isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention (fused qkv). Rows are right-padded, so with a causal
+    mask no real position ever attends to padding and no extra mask is needed."""
+
+    def __init__(self, d: int, heads: int, attn_dropout: float):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"hidden size {d} is not divisible by {heads} heads")
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(B, L, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the sequence, keys and values from a short set of context vectors."""
+
+    def __init__(self, d: int, heads: int, attn_dropout: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        h = self.heads
+        q = self.q(x).view(B, L, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(B, L, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, inner: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, inner), nn.Linear(inner, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def last_position(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The state after each row's last real item (rows are right-padded)."""
+    return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE over the batch: row i of `a` should match row i of `b` (cosine / tau)."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / tau
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+

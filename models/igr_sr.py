@@ -1,0 +1,175 @@
+"""IGR-SR: intent-guided reasoning for sequential recommendation (paper section 3, DESIGN §5).
+
+Pieces:
+- LatentIntentDistiller (LID): a pre-trained SASRec of width d_l, FROZEN (no gradients, always
+  in eval mode, so its weights never change and it applies no dropout). Input = k learnable
+  prefix embeddings + the item sequence + m learnable <intent> embeddings; the encoder's
+  outputs at the m intent positions are the raw intents T_1 (m x d_l). Only the prefix and
+  intent embeddings (and every module after the LID) are trained.
+  Position choice: items keep exactly the positions 0..n-1 they had in pre-training; prefix
+  and intent tokens get NO position embedding (their learned embeddings can carry whatever
+  placement signal they need). So k + n + m may exceed the encoder's 50-position table, and
+  the frozen encoder sees every item as it did in pre-training. All tokens go through the
+  encoder's input LayerNorm. The encoder is causal: items see the prefix, intents see all.
+- Projection: MLP d_l -> d -> d (GELU), giving T_D (m x d).
+- IDR: L dual-attention layers, eq. (5)-(7): H += CrossAttn(H, T_D, T_D); H += causal
+  SelfAttn(H); H = LayerNorm(H + FFN(H)) (dropout on each sub-layer output). h_u = state
+  at the last item.
+- ICR: two independent element-wise dropout masks (rate p_mask, rescaled by 1/(1-p) so that
+  inference can use the unmasked intents, i.e. dropout semantics) on T_D, two IDR passes,
+  InfoNCE between the two h_u over the batch (cosine / tau, eq. 10, averaged over the batch).
+  The paper does not say which pass carries the recommendation loss: here the CE is averaged
+  over the two masked views; total = CE + cl_weight * InfoNCE. Inference: unmasked T_D.
+
+Variants (DESIGN §5): use_lid=False (w/o LID: the IDR with no cross-attention, no intents),
+fusion="concat" (T_D prepended to the item sequence, positions counted over the whole
+concatenation, self-attention only: the "positional contamination" the paper avoids),
+cl_weight=0 (w/o ICR: one unmasked pass).
+
+Layout "prefix": a prefix's intents must come from that prefix only (intent tokens read the
+whole input), so every training sample is its own row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import (CrossAttention, FeedForward, SelfAttention, SequentialRecommender,
+                         info_nce, init_weights, last_position)
+from models.sasrec import SASRec
+
+
+@dataclass
+class IGRSRConfig:
+    hidden: int = 64
+    inner: int = 256
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    max_len: int = 50
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    d_l: int = 32  # LID width (paper: 8, 16 or 32)
+    k: int = 8  # prefix tokens
+    m: int = 3  # <intent> tokens
+    p_mask: float = 0.2
+    tau: float = 0.2
+    cl_weight: float = 0.1
+    use_lid: bool = True
+    fusion: str = "cross"  # "cross" (the paper) or "concat" (ablation)
+
+
+class LatentIntentDistiller(nn.Module):
+    def __init__(self, encoder: SASRec, k: int, m: int, init_std: float = 0.02):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        d_l = encoder.cfg.hidden
+        self.k, self.m = k, m
+        self.prefix = nn.Parameter(torch.randn(k, d_l) * init_std)
+        self.intent = nn.Parameter(torch.randn(m, d_l) * init_std)
+
+    def train(self, mode: bool = True) -> "LatentIntentDistiller":
+        super().train(mode)
+        self.encoder.eval()  # frozen: never dropout, whatever the outer mode
+        return self
+
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw intents T_1, (B, m, d_l)."""
+        B, L = items.shape
+        k, m = self.k, self.m
+        x = torch.cat([self.prefix.expand(B, k, -1), self.encoder.item_inputs(items),
+                       self.intent.expand(B, m, -1)], dim=1)
+        # place the intents right after each row's last item: [prefix | items | intents | pad]
+        p = torch.arange(k + L + m, device=items.device)[None]
+        end = k + lengths[:, None]
+        src = torch.where(p < end, p, torch.where(p < end + m, p + L - lengths[:, None], p - m))
+        x = x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
+        h = self.encoder.encode_inputs(x)
+        at = end + torch.arange(m, device=items.device)[None]
+        return h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+
+
+class DualAttentionLayer(nn.Module):
+    """Eq. (5)-(7): cross-attention to the intents, causal self-attention, FFN + LayerNorm."""
+
+    def __init__(self, cfg: IGRSRConfig, cross: bool):
+        super().__init__()
+        self.cross = CrossAttention(cfg.hidden, cfg.heads, cfg.attn_dropout) if cross else None
+        self.self_attn = SelfAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
+        self.ffn = FeedForward(cfg.hidden, cfg.inner)
+        self.ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor, intents: torch.Tensor | None) -> torch.Tensor:
+        if self.cross is not None:
+            h = h + self.drop(self.cross(h, intents))
+        h = h + self.drop(self.self_attn(h))
+        return self.ln(h + self.drop(self.ffn(h)))
+
+
+class IGRSR(SequentialRecommender):
+    layout = "prefix"
+
+    def __init__(self, cfg: IGRSRConfig, n_items: int, lid_encoder: SASRec | None = None):
+        super().__init__()
+        if cfg.fusion not in ("cross", "concat"):
+            raise ValueError(f"fusion must be 'cross' or 'concat', not {cfg.fusion!r}")
+        if cfg.use_lid and lid_encoder is None:
+            raise ValueError("IGR-SR needs a pre-trained SASRec encoder for its LID")
+        self.cfg, self.n_items = cfg, n_items
+        d = cfg.hidden
+        n_pos = cfg.max_len + (cfg.m if cfg.use_lid and cfg.fusion == "concat" else 0)
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(n_pos, d)
+        self.emb_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        cross = cfg.use_lid and cfg.fusion == "cross"
+        self.layers = nn.ModuleList(DualAttentionLayer(cfg, cross) for _ in range(cfg.layers))
+        if cfg.use_lid:
+            d_l = lid_encoder.cfg.hidden
+            self.projection = nn.Sequential(nn.Linear(d_l, d), nn.GELU(), nn.Linear(d, d))
+        self.apply(lambda mod: init_weights(mod, cfg.init_std))
+        # after apply(): the LID's encoder keeps its pre-trained weights
+        self.lid = LatentIntentDistiller(lid_encoder, cfg.k, cfg.m, cfg.init_std) if cfg.use_lid else None
+
+    def intents(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Projected intents T_D, (B, m, d), or None without the LID."""
+        if self.lid is None:
+            return None
+        return self.projection(self.lid(items, lengths))
+
+    def reason(self, items: torch.Tensor, lengths: torch.Tensor, intents: torch.Tensor | None) -> torch.Tensor:
+        """The IDR: h_u (B, d) for each row given its (possibly masked) intents."""
+        if intents is not None and self.cfg.fusion == "concat":
+            x = torch.cat([intents, self.item_emb(items)], dim=1)
+            lengths = lengths + intents.shape[1]
+            intents = None
+        else:
+            x = self.item_emb(items)
+        x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))[None]
+        h = self.emb_drop(self.emb_ln(x))
+        for layer in self.layers:
+            h = layer(h, intents)
+        return last_position(h, lengths)
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        items, lengths, target = batch.items, batch.lengths, batch.target
+        t_d = self.intents(items, lengths)
+        W = self.item_emb.weight
+        if t_d is None or self.cfg.cl_weight <= 0:
+            return {"loss": F.cross_entropy(self.reason(items, lengths, t_d) @ W.T, target)}
+        B = items.shape[0]
+        # both masked views in one pass over a doubled batch
+        views = torch.cat([F.dropout(t_d, self.cfg.p_mask, True), F.dropout(t_d, self.cfg.p_mask, True)])
+        h = self.reason(items.repeat(2, 1), lengths.repeat(2), views)
+        ce = F.cross_entropy(h @ W.T, target.repeat(2))
+        cl = info_nce(h[:B], h[B:], self.cfg.tau)
+        return {"loss": ce + self.cfg.cl_weight * cl, "ce": ce.detach(), "cl": cl.detach()}
+
+    def scores(self, batch) -> torch.Tensor:
+        h = self.reason(batch.items, batch.lengths, self.intents(batch.items, batch.lengths))
+        return h @ self.item_emb.weight.T

@@ -1,0 +1,77 @@
+"""Name -> model factory, in the manner of Optuna's samplers: a small spec per model, entries
+register by name, variants are entries of their own with some config fields fixed.
+
+`requires` names what the harness must build before the factory can run: "lid" is a
+pre-trained, frozen SASRec of width `config.d_l` (the harness pre-trains and caches it; models
+do no I/O).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from models.igr_sr import IGRSR, IGRSRConfig
+from models.sasrec import SASRec, SASRecConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_cls: type
+    factory: Callable[..., nn.Module]
+    fixed: dict[str, Any] = field(default_factory=dict)  # config fields a variant pins
+    requires: tuple[str, ...] = ()
+    description: str = ""
+
+    def make_config(self, **overrides: Any):
+        clash = set(overrides) & set(self.fixed)
+        if clash:
+            raise ValueError(f"{self.name} fixes {', '.join(sorted(clash))}")
+        return self.config_cls(**{**self.fixed, **overrides})
+
+    def needs(self, config) -> tuple[str, ...]:
+        if "lid" in self.requires and not getattr(config, "use_lid", True):
+            return tuple(r for r in self.requires if r != "lid")
+        return self.requires
+
+    def build(self, config, n_items: int, **deps: Any) -> nn.Module:
+        return self.factory(config, n_items, **deps)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _igr_sr(cfg: IGRSRConfig, n_items: int, lid: nn.Module | None = None) -> nn.Module:
+    return IGRSR(cfg, n_items, lid_encoder=lid)
+
+
+register(ModelSpec("sasrec", SASRecConfig, lambda cfg, n_items: SASRec(cfg, n_items),
+                   description="SASRec, full-softmax CE (RecBole-equivalent)"))
+register(ModelSpec("igr-sr", IGRSRConfig, _igr_sr, requires=("lid",),
+                   description="IGR-SR: frozen-SASRec LID + projection + dual-attention IDR + ICR"))
+register(ModelSpec("igr-sr/wo-lid", IGRSRConfig, _igr_sr, fixed={"use_lid": False},
+                   description="ablation: no Latent Intent Distiller (IDR without intents)"))
+register(ModelSpec("igr-sr/concat", IGRSRConfig, _igr_sr, fixed={"fusion": "concat"}, requires=("lid",),
+                   description="ablation: intents concatenated to the sequence, no cross-attention"))
+register(ModelSpec("igr-sr/wo-icr", IGRSRConfig, _igr_sr, fixed={"cl_weight": 0.0}, requires=("lid",),
+                   description="ablation: no Intent Consistency Regularization"))

@@ -1,0 +1,83 @@
+"""SASRec with full-softmax cross-entropy, built to match RecBole 1.2.1's SASRec.
+
+Followed RecBole (`recbole/model/sequential_recommender/sasrec.py`, `SASRec.yaml`): post-LN
+blocks (attention -> dropout -> residual -> LayerNorm; GELU FFN -> dropout -> residual ->
+LayerNorm), LayerNorm + dropout on item + position embeddings, N(0, 0.02) init, eps 1e-12,
+item embeddings tied with the output layer, CE over all item ids. Right-padded rows with
+absolute positions 0..n-1 from the start of the (truncated) history, as RecBole pads.
+Being causal, it trains in the "sequence" layout: all prefixes of a row in one pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import FeedForward, SelfAttention, SequentialRecommender, init_weights, last_position
+
+
+@dataclass
+class SASRecConfig:
+    hidden: int = 64
+    inner: int = 256
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    max_len: int = 50
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+
+
+class PostLNBlock(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
+        self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.hidden, cfg.inner)
+        self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.drop(self.attn(x)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class SASRec(SequentialRecommender):
+    layout = "sequence"
+
+    def __init__(self, cfg: SASRecConfig, n_items: int):
+        super().__init__()
+        self.cfg, self.n_items = cfg, n_items
+        self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
+        self.apply(lambda m: init_weights(m, cfg.init_std))
+
+    def item_inputs(self, items: torch.Tensor) -> torch.Tensor:
+        """Item + position embeddings before the input LayerNorm, (B, L, d)."""
+        pos = torch.arange(items.shape[1], device=items.device)
+        return self.item_emb(items) + self.pos_emb(pos)[None]
+
+    def encode_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Input LayerNorm + dropout, then the causal blocks."""
+        x = self.emb_drop(self.emb_ln(x))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        return self.encode_inputs(self.item_inputs(items))
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        h = self.encode(batch.items)
+        has_target = batch.targets > 0
+        logits = h[has_target] @ self.item_emb.weight.T
+        return {"loss": F.cross_entropy(logits, batch.targets[has_target])}
+
+    def scores(self, batch) -> torch.Tensor:
+        return last_position(self.encode(batch.items), batch.lengths) @ self.item_emb.weight.T
