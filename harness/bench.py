@@ -1,0 +1,190 @@
+"""`harness bench`: time training batches and a full evaluation, count the FLOPs (DESIGN §7),
+and report achieved FLOP/s against this machine's measured matmul throughput (MFU).
+
+FLOPs are counted, not estimated, with torch's FlopCounterMode (every matmul and attention of
+forward + backward) on the same batches that were timed, then split as DESIGN §7 does: the
+output layer (scores against every item) and the encoder (everything else). Time is split by
+phase (building batches, forward, backward, optimizer step) so a slow part is visible at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from harness.runs import RunSpec, build_model, load_data
+from harness.train import autocast, evaluate, resolve_device, seed_everything
+
+
+@dataclass
+class BenchReport:
+    model: str
+    dataset: str
+    device: str
+    threads: int
+    n_batches: int
+    samples: int
+    epoch_samples: int
+    epoch_batches: int
+    positions: int  # encoder positions computed in the timed batches (padding included)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    flops: dict[str, float] = field(default_factory=dict)  # timed batches, forward + backward
+    eval_seconds: float = 0.0
+    eval_flops: float = 0.0
+    peak_flops: float = 0.0
+    top_modules: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(self.phase_seconds.values())
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / self.samples * self.epoch_samples
+
+    @property
+    def achieved(self) -> float:
+        return self.flops.get("total", 0.0) / max(self.train_seconds - self.phase_seconds.get("batches", 0), 1e-9)
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeat: int = 10) -> float:
+    """Measured dense matmul FLOP/s (fp32 on CPU, bf16 on CUDA as under autocast)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeat / (time.perf_counter() - t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchReport:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = resolve_device(spec.train.device)
+    data = load_data(spec)
+    model, _, _ = build_model(spec, data, progress=True)
+    model.to(device).train()
+    seed_everything(spec.train.seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr)
+    layout = getattr(model, "layout", "sequence")
+    rng = np.random.default_rng(spec.train.seed)
+
+    t = time.perf_counter()
+    epoch = data.train_batches(layout, spec.train.batch_size, rng)
+    batch_build = time.perf_counter() - t  # one epoch's batches, scaled to the timed share below
+    n_batches = min(n_batches, len(epoch) - warmup)
+    timed = epoch[warmup : warmup + n_batches]
+
+    def step(batch):
+        with autocast(device):
+            loss = model.loss(batch)["loss"]
+        return loss
+
+    for batch in epoch[:warmup]:
+        loss = step(batch.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    phases = {"batches": batch_build * n_batches / len(epoch), "to_device": 0.0, "forward": 0.0,
+              "backward": 0.0, "optimizer": 0.0}
+    for batch in timed:
+        t0 = time.perf_counter()
+        batch = batch.to(device)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss = step(batch)
+        _sync(device)
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        t3 = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        t4 = time.perf_counter()
+        phases["to_device"] += t1 - t0
+        phases["forward"] += t2 - t1
+        phases["backward"] += t3 - t2
+        phases["optimizer"] += t4 - t3
+
+    # count the FLOPs of exactly the timed batches (not timed: the counter adds overhead)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for batch in timed:
+            step(batch.to(device)).backward()
+    optimizer.zero_grad(set_to_none=True)
+    by_module = counter.get_flop_counts()
+    total = float(counter.get_total_flops())
+    samples = int(sum(int(b.targets.gt(0).sum()) if layout == "sequence" else b.size for b in timed))
+    d = _output_width(model)
+    n_views = 2 if _two_views(model) else 1
+    output = 6.0 * samples * n_views * d * (data.n_items + 1)
+    flops = {"total": total, "output_layer": output, "encoder": max(total - output, 0.0)}
+    top = sorted(((name, float(sum(c.values()))) for name, c in by_module.items()
+                  if name and name.count(".") <= 2 and name != "Global"), key=lambda x: -x[1])[:8]
+
+    _sync(device)
+    t = time.perf_counter()
+    evaluate(model, data, "valid", device, spec.train.mask_history, spec.train.eval_batch_size)
+    _sync(device)
+    eval_seconds = time.perf_counter() - t
+    return BenchReport(
+        model=spec.model, dataset=spec.dataset, device=str(device), threads=torch.get_num_threads(),
+        n_batches=n_batches, samples=samples, epoch_samples=data.n_train_samples(), epoch_batches=len(epoch),
+        positions=int(sum(b.items.numel() for b in timed)), phase_seconds=phases, flops=flops,
+        eval_seconds=eval_seconds, eval_flops=2.0 * data.n_users * d * (data.n_items + 1),
+        peak_flops=matmul_peak(device), top_modules=top)
+
+
+def _output_width(model) -> int:
+    return int(model.item_emb.weight.shape[1]) if hasattr(model, "item_emb") else 0
+
+
+def _two_views(model) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return bool(getattr(model, "lid", None) is not None and getattr(cfg, "cl_weight", 0) > 0)
+
+
+def format_report(r: BenchReport):
+    from rich.table import Table
+
+    scale = r.epoch_samples / max(r.samples, 1)
+    table = Table(title=f"bench: {r.model} on {r.dataset} ({r.device}, {r.threads} threads)", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    rows = [
+        ("timed batches / epoch batches", f"{r.n_batches} / {r.epoch_batches}"),
+        ("samples/s (training)", f"{r.samples / r.train_seconds:,.0f}"),
+        ("seconds per epoch (extrapolated)", f"{r.seconds_per_epoch:.1f}"),
+        ("encoder positions per sample (padding incl.)", f"{r.positions / max(r.samples, 1):.2f}"),
+        ("full evaluation, one split (s)", f"{r.eval_seconds:.2f}"),
+        ("FLOPs per epoch: output layer (6·samples·d·items·views)", f"{r.flops['output_layer'] * scale / 1e12:.3f} T"),
+        ("FLOPs per epoch: encoder and the rest (counted)", f"{r.flops['encoder'] * scale / 1e12:.3f} T"),
+        ("FLOPs per epoch: total (counted)", f"{r.flops['total'] * scale / 1e12:.3f} T"),
+        ("FLOPs per evaluation (2·users·d·items)", f"{r.eval_flops / 1e9:.1f} G"),
+        ("achieved FLOP/s (training compute phases)", f"{r.achieved / 1e9:.1f} G"),
+        ("measured matmul peak", f"{r.peak_flops / 1e9:.1f} G"),
+        ("MFU", f"{100 * r.achieved / r.peak_flops:.1f}%"),
+        ("evaluation FLOP/s", f"{r.eval_flops / r.eval_seconds / 1e9:.1f} G"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    total = r.train_seconds
+    for phase, s in r.phase_seconds.items():
+        table.add_row(f"time: {phase}", f"{s:.2f} s ({100 * s / total:.0f}%)")
+    for name, f in r.top_modules:
+        table.add_row(f"FLOPs in {name}", f"{100 * f / max(r.flops['total'], 1):.0f}%")
+    return table

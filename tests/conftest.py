@@ -1,0 +1,42 @@
+"""Shared fixtures: a hand-made sequence file, an isolated cache, and the real data directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The tiny file, user id -> items (oldest first). Item ids are unique within each user, so a
+# target can be told apart from the history by its id. Item 10 and 11 are never used, so the
+# largest id (12) differs from the number of distinct ids (10).
+TINY_LINES = {
+    10: [5, 3, 8, 2, 9, 4, 7, 6],  # 8 items: 5 training samples, long enough for max_len=3 windows
+    20: [1, 2, 3],  # 3 items: no training sample, only valid (1 -> 2) and test (1 2 -> 3)
+    30: [6, 1, 4, 12, 2],  # 5 items: 2 training samples
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own HARNESS_CACHE_DIR, so nothing touches ~/.cache."""
+    cache = tmp_path_factory.mktemp("harness-cache")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def tiny_file(tmp_path) -> Path:
+    """TINY_LINES as a `user item item ...` file, with a trailing blank line."""
+    path = tmp_path / "tiny.txt"
+    path.write_text("".join(f"{u} " + " ".join(map(str, seq)) + "\n" for u, seq in TINY_LINES.items()) + "\n")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data directory (HARNESS_DATA_DIR, else <repo>/../shared/data); skip if Toys is absent."""
+    env = os.environ.get("HARNESS_DATA_DIR")
+    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (root / "toys" / "Toys_and_Games.txt").is_file():
+        pytest.skip(f"real data not available: {root / 'toys' / 'Toys_and_Games.txt'} is missing")
+    return root

@@ -1,0 +1,124 @@
+"""The shared trainer: early stopping, best checkpoint, seeds, callback, divergence, LID cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.data.registry import load
+from harness.data.split import LeaveOneOut
+from harness.runs import RunSpec, build_model, run
+from harness.train import TrainConfig, TrainingDiverged, evaluate, fit
+from models.base import SequentialRecommender
+from models.sasrec import SASRec, SASRecConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> LeaveOneOut:
+    seqs = load("synthetic", tmp_path_factory.mktemp("d"), tmp_path_factory.mktemp("cache"))
+    return LeaveOneOut(seqs, max_len=20)
+
+
+def small_sasrec(data: LeaveOneOut) -> SASRec:
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(hidden=16, inner=32, max_len=20), data.n_items)
+
+
+def test_fit_learns_and_restores_best_epoch(data):
+    model = small_sasrec(data)
+    res = fit(model, data, TrainConfig(epochs=6, patience=6, device="cpu", batch_size=64), progress=False)
+    ndcg = [row["valid_ndcg@10"] for row in res.curves]
+    assert res.epochs_run == 6 and res.best_epoch == int(np.argmax(ndcg)) + 1
+    # the returned validation metric is the best epoch's, recomputed on the restored weights
+    assert res.valid["ndcg@10"] == pytest.approx(max(ndcg), abs=1e-12)
+    assert ndcg[-1] > 2 * ndcg[0]  # it learns the planted structure
+    assert res.test["recall@10"] > 0.3  # random ranking would give ~10/120
+
+
+def test_early_stopping_with_patience(data):
+    model = small_sasrec(data)
+    calls = []
+    res = fit(model, data, TrainConfig(epochs=50, patience=1, device="cpu", batch_size=64, lr=0.3),
+              on_epoch=lambda e, row: calls.append(e), progress=False)
+    assert res.epochs_run < 50 and "early stop" in res.stopped
+    assert res.epochs_run - res.best_epoch == 1
+    assert calls == list(range(1, res.epochs_run + 1))
+
+
+def test_same_seed_same_curves(data):
+    cfg = TrainConfig(epochs=2, device="cpu", batch_size=64, seed=7)
+    a = fit(small_sasrec(data), data, cfg, progress=False)
+    b = fit(small_sasrec(data), data, cfg, progress=False)
+    assert [r["loss"] for r in a.curves] == [r["loss"] for r in b.curves]
+    assert np.array_equal(a.test_ranks, b.test_ranks)
+
+
+def test_callback_can_stop_training(data):
+    class Pruned(Exception):
+        pass
+
+    def prune(epoch, row):
+        assert "valid_ndcg@10" in row
+        if epoch == 2:
+            raise Pruned
+
+    with pytest.raises(Pruned):
+        fit(small_sasrec(data), data, TrainConfig(epochs=5, device="cpu"), on_epoch=prune, progress=False)
+
+
+class ExplodingModel(SequentialRecommender):
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.n_items = n_items
+
+    def loss(self, batch):
+        return {"loss": self.w.sum() * float("nan")}
+
+    def scores(self, batch):
+        return torch.zeros(batch.size, self.n_items + 1)
+
+
+def test_nan_loss_ends_the_run_with_a_clear_error(data):
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1, batch 1"):
+        fit(ExplodingModel(data.n_items), data, TrainConfig(epochs=3, device="cpu"), progress=False)
+
+
+def test_constant_model_scores_near_zero(data):
+    ranks = evaluate(ExplodingModel(data.n_items), data, "test", torch.device("cpu"))
+    assert (ranks == data.n_items - 1).all()
+
+
+def test_history_masking_only_helps_ranks(data):
+    model = small_sasrec(data)
+    plain = evaluate(model, data, "test", torch.device("cpu"))
+    masked = evaluate(model, data, "test", torch.device("cpu"), mask_history=True)
+    assert (masked <= plain).all() and (masked < plain).any()
+
+
+def test_lid_encoder_is_pretrained_once_and_cached(tmp_path):
+    spec = RunSpec(model="igr-sr", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                   train=TrainConfig(epochs=1, device="cpu", batch_size=128), lid_epochs=2,
+                   params={"d_l": "8", "k": "2", "m": "2"})
+    from harness.runs import load_data
+
+    data = load_data(spec)
+    first, _, info1 = build_model(spec, data, progress=False)
+    second, _, info2 = build_model(spec, data, progress=False)
+    assert info1["cached"] is False and info2["cached"] is True
+    assert info1["key"] == info2["key"] and info1["epochs_run"] == 2
+    for (k, a), (_, b) in zip(first.lid.encoder.state_dict().items(), second.lid.encoder.state_dict().items()):
+        assert torch.equal(a, b), k
+    # another d_l is another encoder
+    other, _, info3 = build_model(RunSpec(**{**spec.__dict__, "params": {"d_l": "16"}}), data, progress=False)
+    assert info3["cached"] is False and info3["key"] != info1["key"]
+    assert len(list((tmp_path / "cache" / "lid").glob("*.pt"))) == 2
+
+
+def test_run_end_to_end_record(tmp_path):
+    spec = RunSpec(model="igr-sr/wo-icr", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "c",
+                   train=TrainConfig(epochs=1, device="cpu"), lid_epochs=1, params={"d_l": "8"})
+    record = run(spec, progress=False)
+    assert record.lid["d_l"] == 8 and record.model_config["cl_weight"] == 0.0
+    assert record.test_ranks.shape == (300,) and record.data_hash
+    assert set(record.result["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
