@@ -154,8 +154,7 @@ def _output_width(model) -> int:
 
 
 def _two_views(model) -> bool:
-    cfg = getattr(model, "cfg", None)
-    return bool(getattr(model, "lid", None) is not None and getattr(cfg, "cl_weight", 0) > 0)
+    return bool(getattr(model, "icr_active", False))
 
 
 def format_report(r: BenchReport):

@@ -132,6 +132,11 @@ def _print_result(record) -> None:
         mean_eval = sum(c["eval_seconds"] for c in curves) / len(curves)
         click.echo(f"{mean_train:.1f} s per training epoch, {mean_eval:.1f} s per validation; "
                    f"{res['stopped']}; total {record.seconds:.0f} s")
+    other = res.get("other_protocol")
+    if other:
+        label = "with" if other["mask_history"] else "without"
+        click.echo(f"same checkpoint, test {label} history masking (reference only): " + ", ".join(
+            f"{m} {other['test'][m]:.4f}" for m in METRIC_NAMES))
 
 
 @cli.command()

@@ -22,9 +22,9 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor,
     Column 0 is the padding id and never ranked. `exclude` = (rows, items) pairs set to -inf
     before ranking (history masking); the target itself is never excluded.
     """
-    scores = scores.float().clone()
+    # a NaN never outranks anything; +-inf stay as they are
+    scores = torch.nan_to_num(scores.float(), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     scores[:, 0] = -torch.inf
-    scores = torch.nan_to_num(scores, nan=-torch.inf)  # a NaN never outranks anything
     if exclude is not None:
         rows, items = exclude
         keep = items != target[rows]

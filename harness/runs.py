@@ -50,11 +50,11 @@ class RunRecord:
     seconds: float
     valid_ranks: np.ndarray | None = None
     test_ranks: np.ndarray | None = None
+    state: dict | None = None  # the best checkpoint's weights (saved beside the record)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("valid_ranks"), d.pop("test_ranks")
-        return d
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("valid_ranks", "test_ranks", "state")}
 
 
 def load_data(spec: RunSpec) -> LeaveOneOut:
@@ -126,11 +126,13 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
         result=result.summary(), lid=lid_info, environment=environment(),
         started=started.isoformat(timespec="seconds"),
         seconds=(dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
-        valid_ranks=result.valid_ranks, test_ranks=result.test_ranks)
+        valid_ranks=result.valid_ranks, test_ranks=result.test_ranks,
+        state={k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
 def save_record(record: RunRecord, results_dir: Path) -> Path:
-    """Write `<stamp>-<model>-<dataset>-s<seed>.json` and `.npz` (never overwrites)."""
+    """Write `<stamp>-<model>-<dataset>-s<seed>.json`, `.npz` (per-user ranks) and `.pt` (best
+    checkpoint); never overwrites an earlier run's files."""
     out = results_dir / "runs"
     out.mkdir(parents=True, exist_ok=True)
     stamp = record.started.replace(":", "").replace("-", "")[:15]
@@ -140,6 +142,10 @@ def save_record(record: RunRecord, results_dir: Path) -> Path:
         n += 1
         path = out / f"{name}-{n}.json"
     np.savez_compressed(path.with_suffix(".npz"), valid_ranks=record.valid_ranks, test_ranks=record.test_ranks)
+    if record.state is not None:
+        import torch
+
+        torch.save(record.state, path.with_suffix(".pt"))
     path.write_text(json.dumps(record.to_json(), indent=2) + "\n")
     return path
 

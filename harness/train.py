@@ -49,6 +49,9 @@ class FitResult:
     valid_ranks: np.ndarray | None = None
     test_ranks: np.ndarray | None = None
     stopped: str = ""  # why training ended: "early stop", "max epochs"
+    # the same checkpoint's test metrics under the other ranking protocol, for reference only
+    # (model selection used the configured one): {"mask_history": bool, "test": {...}}
+    other_protocol: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -176,9 +179,11 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
         model.load_state_dict(best_state)
     valid_ranks = evaluate(model, data, "valid", device, cfg.mask_history, cfg.eval_batch_size)
     test_ranks = evaluate(model, data, "test", device, cfg.mask_history, cfg.eval_batch_size)
+    other = evaluate(model, data, "test", device, not cfg.mask_history, cfg.eval_batch_size)
     return FitResult(best_epoch=best_epoch, epochs_run=len(curves), curves=curves,
                      valid=metrics_from_ranks(valid_ranks), test=metrics_from_ranks(test_ranks),
-                     valid_ranks=valid_ranks, test_ranks=test_ranks, stopped=stopped)
+                     valid_ranks=valid_ranks, test_ranks=test_ranks, stopped=stopped,
+                     other_protocol={"mask_history": not cfg.mask_history, "test": metrics_from_ranks(other)})
 
 
 class _Display:

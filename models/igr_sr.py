@@ -24,7 +24,7 @@ Pieces:
 Variants (DESIGN §5): use_lid=False (w/o LID: the IDR with no cross-attention, no intents),
 fusion="concat" (T_D prepended to the item sequence, positions counted over the whole
 concatenation, self-attention only: the "positional contamination" the paper avoids),
-cl_weight=0 (w/o ICR: one unmasked pass).
+use_icr=False (w/o ICR: one unmasked pass, no contrastive term; cl_weight=0 does the same).
 
 Layout "prefix": a prefix's intents must come from that prefix only (intent tokens read the
 whole input), so every training sample is its own row.
@@ -59,6 +59,7 @@ class IGRSRConfig:
     p_mask: float = 0.2
     tau: float = 0.2
     cl_weight: float = 0.1
+    use_icr: bool = True
     use_lid: bool = True
     fusion: str = "cross"  # "cross" (the paper) or "concat" (ablation)
 
@@ -160,7 +161,7 @@ class IGRSR(SequentialRecommender):
         items, lengths, target = batch.items, batch.lengths, batch.target
         t_d = self.intents(items, lengths)
         W = self.item_emb.weight
-        if t_d is None or self.cfg.cl_weight <= 0:
+        if t_d is None or not self.icr_active:
             return {"loss": F.cross_entropy(self.reason(items, lengths, t_d) @ W.T, target)}
         B = items.shape[0]
         # both masked views in one pass over a doubled batch
@@ -169,6 +170,10 @@ class IGRSR(SequentialRecommender):
         ce = F.cross_entropy(h @ W.T, target.repeat(2))
         cl = info_nce(h[:B], h[B:], self.cfg.tau)
         return {"loss": ce + self.cfg.cl_weight * cl, "ce": ce.detach(), "cl": cl.detach()}
+
+    @property
+    def icr_active(self) -> bool:
+        return self.lid is not None and self.cfg.use_icr and self.cfg.cl_weight > 0
 
     def scores(self, batch) -> torch.Tensor:
         h = self.reason(batch.items, batch.lengths, self.intents(batch.items, batch.lengths))

@@ -73,5 +73,5 @@ register(ModelSpec("igr-sr/wo-lid", IGRSRConfig, _igr_sr, fixed={"use_lid": Fals
                    description="ablation: no Latent Intent Distiller (IDR without intents)"))
 register(ModelSpec("igr-sr/concat", IGRSRConfig, _igr_sr, fixed={"fusion": "concat"}, requires=("lid",),
                    description="ablation: intents concatenated to the sequence, no cross-attention"))
-register(ModelSpec("igr-sr/wo-icr", IGRSRConfig, _igr_sr, fixed={"cl_weight": 0.0}, requires=("lid",),
+register(ModelSpec("igr-sr/wo-icr", IGRSRConfig, _igr_sr, fixed={"use_icr": False}, requires=("lid",),
                    description="ablation: no Intent Consistency Regularization"))

@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests' models are tiny: one thread is as fast, and it keeps the suite from fighting a
+# training job for the cores (two processes spinning 2 OpenMP threads each on 2 cores is
+# many times slower than either alone).
+torch.set_num_threads(1)
 
 # The tiny file, user id -> items (oldest first). Item ids are unique within each user, so a
 # target can be told apart from the history by its id. Item 10 and 11 are never used, so the

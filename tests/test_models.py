@@ -65,7 +65,7 @@ def test_variants_differ_in_structure():
     assert wo_lid.lid is None and wo_lid.layers[0].cross is None
     assert concat.lid is not None and concat.layers[0].cross is None
     assert concat.pos_emb.num_embeddings == 20 + IGR_SMALL["m"]
-    assert wo_icr.cfg.cl_weight == 0.0 and full.cfg.cl_weight > 0
+    assert not wo_icr.icr_active and full.icr_active
     with pytest.raises(ValueError, match="fixes use_lid"):
         models.get("igr-sr/wo-lid").make_config(use_lid=True)
 

@@ -119,6 +119,6 @@ def test_run_end_to_end_record(tmp_path):
     spec = RunSpec(model="igr-sr/wo-icr", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "c",
                    train=TrainConfig(epochs=1, device="cpu"), lid_epochs=1, params={"d_l": "8"})
     record = run(spec, progress=False)
-    assert record.lid["d_l"] == 8 and record.model_config["cl_weight"] == 0.0
+    assert record.lid["d_l"] == 8 and record.model_config["use_icr"] is False
     assert record.test_ranks.shape == (300,) and record.data_hash
     assert set(record.result["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}

@@ -46,6 +46,14 @@ ALIASES = {"cds": "cds_and_vinyl", "instruments": "instrument", "toys_and_games"
 SYNTHETIC_PREFIX = "synthetic"
 
 
+class DatasetMissing(HarnessError):
+    """A registered dataset whose file is not in the data directory."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 def data_dir(option: str | None = None) -> Path:
     return Path(option or os.environ.get("HARNESS_DATA_DIR") or "data")
 
@@ -65,6 +73,8 @@ def is_path(name: str) -> bool:
 
 def resolve(name: str, data_dir_: Path, cache_dir_: Path | None = None) -> Path:
     """The sequence file for a dataset name or path; a one-line error when it is missing."""
+    if Path(name).is_file():
+        return Path(name)
     if name.startswith(SYNTHETIC_PREFIX):
         from harness.data.synthetic import synthetic_file
 
@@ -74,10 +84,11 @@ def resolve(name: str, data_dir_: Path, cache_dir_: Path | None = None) -> Path:
         path = data_dir_ / info.path
         if path.is_file():
             return path
-        raise HarnessError(
+        raise DatasetMissing(
             f"dataset {info.name!r} not found: looked for {path}. Get it with "
             f"`harness data fetch {info.name} --data-dir {data_dir_}` (downloads {info.description} from "
-            f"{info.raw_url}), or point --data-dir / HARNESS_DATA_DIR at a directory holding {info.path}")
+            f"{info.raw_url}), or point --data-dir / HARNESS_DATA_DIR at a directory holding {info.path}",
+            info.name)
     if is_path(name):
         path = Path(name)
         if not path.is_file():
@@ -88,8 +99,22 @@ def resolve(name: str, data_dir_: Path, cache_dir_: Path | None = None) -> Path:
 
 
 def load(name: str, data_dir_: Path, cache_dir_: Path) -> SequenceData:
-    """Load a dataset, using the content-hash cache of its parsed arrays."""
-    path = resolve(name, data_dir_, cache_dir_)
+    """Load a dataset, using the content-hash cache of its parsed arrays.
+
+    A registered dataset missing from the data directory is downloaded and preprocessed on
+    first use, as RecBole does (set HARNESS_AUTO_FETCH=0 to turn that off); when that fails
+    (no network, read-only directory) the error says where it looked and how to get it."""
+    try:
+        path = resolve(name, data_dir_, cache_dir_)
+    except DatasetMissing as missing:
+        if os.environ.get("HARNESS_AUTO_FETCH", "1") == "0":
+            raise
+        from harness.data.fetch import fetch
+
+        try:
+            path, _ = fetch(missing.name, data_dir_)
+        except (HarnessError, OSError) as e:
+            raise HarnessError(f"{missing} (automatic download failed: {e})") from None
     digest = file_hash(path)
     cached = cache_dir_ / "datasets" / f"{digest[:16]}.npz"
     if cached.is_file():

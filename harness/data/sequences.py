@@ -8,6 +8,7 @@ leave-one-out, so such lines are dropped and counted in a warning.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from harness.errors import HarnessError
 
 MIN_ITEMS_PER_USER = 3
+_INT = re.compile(r"-?[0-9]+")  # int() would also take "4_5" or " 7": not ids
 
 
 @dataclass
@@ -69,11 +71,10 @@ def load_sequences(path: str | Path) -> SequenceData:
                 tokens = line.split()
                 if not tokens:
                     continue  # blank lines (e.g. a trailing one) carry nothing
-                try:
-                    values = [int(t) for t in tokens]
-                except ValueError:
-                    bad = next(t for t in tokens if not _is_int(t))
-                    raise HarnessError(f"{path}:{lineno}: token {bad!r} is not an integer id") from None
+                bad = next((t for t in tokens if not _INT.fullmatch(t)), None)
+                if bad is not None:
+                    raise HarnessError(f"{path}:{lineno}: token {bad!r} is not an integer id")
+                values = [int(t) for t in tokens]
                 user, seq = values[0], values[1:]
                 if user in seen_users:
                     raise HarnessError(
@@ -113,14 +114,6 @@ def load_sequences(path: str | Path) -> SequenceData:
         content_hash=file_hash(path),
         warnings=warnings,
     )
-
-
-def _is_int(token: str) -> bool:
-    try:
-        int(token)
-        return True
-    except ValueError:
-        return False
 
 
 def write_sequences(path: str | Path, sequences: list[list[int]] | list[np.ndarray]) -> None:
