@@ -65,6 +65,8 @@ def trainer_options(f):
                      help="History length (most recent items)."),
         click.option("--data-dir", "cmd_data_dir", type=click.Path(file_okay=False), default=None,
                      help="Overrides the group's --data-dir."),
+        click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True,
+                     help="Epoch cap for pre-training IGR-SR's LID encoder (early-stopped; cached)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -85,15 +87,13 @@ def run_spec(ctx: click.Context, model: str, dataset: str, params: tuple[str, ..
 
     return RunSpec(model=model, dataset=dataset, train=train_config(kw), params=parse_params(params),
                    data_dir=Path(kw["cmd_data_dir"]) if kw["cmd_data_dir"] else ctx.obj["data_dir"],
-                   cache_dir=ctx.obj["cache_dir"], lid_epochs=kw.get("lid_epochs", 200))
+                   cache_dir=ctx.obj["cache_dir"], lid_epochs=kw["lid_epochs"])
 
 
 @cli.command()
 @click.option("--model", required=True, help="A registered model, e.g. sasrec, igr-sr, igr-sr/wo-icr.")
 @click.option("--dataset", required=True, help="toys, instrument, cds_and_vinyl, synthetic[-SCALE] or a file path.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable).")
-@click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Epoch cap for pre-training IGR-SR's LID encoder (early-stopped; cached).")
 @trainer_options
 @click.pass_context
 def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], **kw) -> None:
