@@ -106,7 +106,7 @@ def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...],
     from harness.runs import run, save_record
 
     spec = run_spec(ctx, model, dataset, params, kw)
-    record = run(spec, progress=True)
+    record = run(spec, progress=True, resume=True)
     path = save_record(record, ctx.obj["results_dir"])
     _print_result(record)
     click.echo(f"run record: {path}")

@@ -114,12 +114,22 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
 
 
-def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True) -> RunRecord:
+def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True,
+        resume: bool = False) -> RunRecord:
+    """Train one model. With `resume`, per-epoch training state is kept in the cache under a
+    key of everything that defines the run, so the same command after an interruption goes on
+    where it stopped instead of starting over."""
     started = dt.datetime.now(dt.timezone.utc)
     resolve_device(spec.train.device)  # fail on a bad --device before any work
     data = load_data(spec)
+    if progress:
+        from rich.console import Console
+
+        for warning in data.data.warnings:
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
     model, model_cfg, lid_info = build_model(spec, data, progress)
-    result: FitResult = fit(model, data, spec.train, on_epoch=on_epoch, progress=progress)
+    checkpoint = resume_path(spec, data, model_cfg) if resume else None
+    result: FitResult = fit(model, data, spec.train, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint)
     return RunRecord(
         model=spec.model, dataset=spec.dataset, data_hash=data.data.content_hash, seed=spec.train.seed,
         model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(spec.train),
@@ -128,6 +138,15 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
         seconds=(dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
         valid_ranks=result.valid_ranks, test_ranks=result.test_ranks,
         state={k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def resume_path(spec: RunSpec, data: LeaveOneOut, model_cfg) -> Path:
+    import hashlib
+
+    key = json.dumps({"model": spec.model, "data": data.data.content_hash, "config": dataclasses.asdict(model_cfg),
+                      "train": {k: v for k, v in dataclasses.asdict(spec.train).items() if k != "eval_batch_size"},
+                      "lid": [spec.lid_epochs, spec.lid_patience]}, sort_keys=True)
+    return spec.cache_dir / "resume" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
 
 
 def save_record(record: RunRecord, results_dir: Path) -> Path:

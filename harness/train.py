@@ -13,6 +13,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -115,8 +116,13 @@ def evaluate(model: torch.nn.Module, data: LeaveOneOut, split: str, device: torc
 
 
 def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
-        on_epoch: EpochCallback | None = None, progress: bool = True) -> FitResult:
-    """Train `model` on `data` and return metrics of its best validation epoch."""
+        on_epoch: EpochCallback | None = None, progress: bool = True,
+        checkpoint: Path | None = None) -> FitResult:
+    """Train `model` on `data` and return metrics of its best validation epoch.
+
+    With `checkpoint`, the full training state is saved there after every epoch and a run
+    that finds one resumes from it (same weights, optimizer, RNG streams and curves, so the
+    resumed run is the run that was interrupted); the file is removed when training ends."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -128,9 +134,25 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
     best_value, best_epoch, best_state = -1.0, 0, None
     curves: list[dict] = []
     stopped = "max epochs"
+    start = 1
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        best_value, best_epoch, best_state, curves = (state["best_value"], state["best_epoch"],
+                                                      state["best_state"], state["curves"])
+        start = len(curves) + 1
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"resuming from {checkpoint} after epoch {len(curves)}")
     display = _Display(progress)
     with display:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start, cfg.epochs + 1):
+            if epoch - best_epoch > cfg.patience:  # a resumed run that had already stopped
+                break
             model.train()
             model.on_epoch_start(epoch)
             t0 = time.perf_counter()
@@ -170,6 +192,8 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
                 best_value, best_epoch = val[SELECT_METRIC], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             display.end_epoch(row, improved)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, model, optimizer, rng, best_value, best_epoch, best_state, curves)
             if on_epoch is not None:
                 on_epoch(epoch, row)
             if epoch - best_epoch >= cfg.patience:
@@ -177,13 +201,27 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    if curves and len(curves) - best_epoch >= cfg.patience:
+        stopped = f"early stop (no gain in validation {SELECT_METRIC} for {cfg.patience} epochs)"
     valid_ranks = evaluate(model, data, "valid", device, cfg.mask_history, cfg.eval_batch_size)
     test_ranks = evaluate(model, data, "test", device, cfg.mask_history, cfg.eval_batch_size)
     other = evaluate(model, data, "test", device, not cfg.mask_history, cfg.eval_batch_size)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return FitResult(best_epoch=best_epoch, epochs_run=len(curves), curves=curves,
                      valid=metrics_from_ranks(valid_ranks), test=metrics_from_ranks(test_ranks),
                      valid_ranks=valid_ranks, test_ranks=test_ranks, stopped=stopped,
                      other_protocol={"mask_history": not cfg.mask_history, "test": metrics_from_ranks(other)})
+
+
+def _save_checkpoint(path: Path, model, optimizer, rng, best_value, best_epoch, best_state, curves) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
+                "curves": curves}, tmp)
+    tmp.replace(path)  # atomic: a kill mid-save leaves the previous epoch's checkpoint
 
 
 class _Display:

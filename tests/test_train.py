@@ -122,3 +122,27 @@ def test_run_end_to_end_record(tmp_path):
     assert record.lid["d_l"] == 8 and record.model_config["use_icr"] is False
     assert record.test_ranks.shape == (300,) and record.data_hash
     assert set(record.result["test"]) == {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
+
+
+def test_interrupted_fit_resumes_to_the_same_result(data, tmp_path):
+    cfg = TrainConfig(epochs=4, patience=10, device="cpu", batch_size=64, seed=3)
+    straight = fit(small_sasrec(data), data, cfg, progress=False, checkpoint=tmp_path / "a.pt")
+    assert not (tmp_path / "a.pt").exists()  # removed once training ended
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(epoch, row):
+        if epoch == 2:
+            raise Killed
+
+    ckpt = tmp_path / "b.pt"
+    with pytest.raises(Killed):
+        fit(small_sasrec(data), data, cfg, on_epoch=kill_after_two, progress=False, checkpoint=ckpt)
+    assert ckpt.is_file()
+    seen = []
+    resumed = fit(small_sasrec(data), data, cfg, on_epoch=lambda e, r: seen.append(e), progress=False,
+                  checkpoint=ckpt)
+    assert seen == [3, 4]  # only the missing epochs ran
+    assert [r["loss"] for r in resumed.curves] == [r["loss"] for r in straight.curves]
+    assert np.array_equal(resumed.test_ranks, straight.test_ranks)
