@@ -257,3 +257,134 @@ def list_models() -> None:
 
     for name in models.names():
         click.echo(f"{name:16s} {models.get(name).description}")
+
+
+# =============================================================================================
+# Tuning (issue 3): `harness tune`, `harness studies`, `harness dashboard`. The logic lives in
+# harness/studies.py (study files, storage, objective) and harness/tune.py (studies, workers,
+# summary); both are imported inside the commands so that `harness --help` stays fast.
+# =============================================================================================
+
+_STORAGE_HELP = ("Journal file (default studies/optuna.journal), sqlite:///FILE.db or "
+                 "postgresql://USER@HOST:PORT/DB (env HARNESS_STORAGE).")
+
+
+def _given_options(ctx: click.Context, **overrides) -> list[str]:
+    """The options of `ctx` the user gave on the command line, as argv, with `overrides`
+    (None drops one): a worker process re-runs this same command line."""
+    from click.core import ParameterSource
+
+    argv: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option):
+            continue
+        if param.name in overrides:
+            value = overrides[param.name]
+        elif ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+            value = ctx.params[param.name]
+        else:
+            continue
+        flag = max(param.opts, key=len)
+        if value is None or value is False:
+            continue
+        if param.is_flag:
+            argv.append(flag)
+        else:
+            for v in value if param.multiple else [value]:
+                argv += [flag, str(v)]
+    return argv
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="toys, instrument, cds_and_vinyl, synthetic[-SCALE] or a file path.")
+@click.option("--study", "study_path", type=click.Path(dir_okay=False), default=None,
+              help="Study file (TOML): model, fixed params, search space, budget. Default studies/<model>.toml.")
+@click.option("--model", default=None, help="Picks studies/<MODEL>.toml when --study is not given (default igr-sr).")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Target number of finished (complete + pruned) trials in the study, counting those "
+                   "already stored. Default: the study file's budget.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Start no new trial after this many seconds (per worker).")
+@click.option("--storage", envvar="HARNESS_STORAGE", default=None, help=_STORAGE_HELP)
+@click.option("--study-name", default=None, help="Default <model>-<dataset>; a stored study of that name is resumed.")
+@click.option("--new-study", is_flag=True,
+              help="If the named study exists, start a fresh one beside it (<name>-2, ...); the old one is kept.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes on the study; the cores are split between them.")
+@click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None,
+              help="Overrides the study file's pruner.")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Database storages: seconds between a running trial's heartbeats; a trial silent for "
+                   "3x this long is failed and retried.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="An extra fixed model parameter for every trial (part of the study's definition).")
+@click.option("--worker", "worker_index", type=int, default=None, hidden=True)
+@trainer_options
+@click.pass_context
+def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | None, trials: int | None,
+         timeout: float | None, storage: str | None, study_name: str | None, new_study: bool, workers: int,
+         pruner: str | None, heartbeat: int, params: tuple[str, ...], worker_index: int | None, **kw) -> None:
+    """Tune a model's hyperparameters: an Optuna study (TPE + pruning on validation NDCG@10)
+    over the search space of a study file. --epochs is the per-trial epoch cap. Running it
+    again resumes the study.
+
+    \b
+    Examples:
+      harness tune --dataset toys                       # studies/igr-sr.toml, embedded storage
+      harness tune --dataset toys --model sasrec --trials 20 --workers 2
+      harness tune --dataset toys --storage postgresql://me@dbhost:5432/optuna   # on each machine
+    """
+    from click.core import ParameterSource
+
+    from harness.config import parse_params
+    from harness.studies import TuneJob, pick_study_file
+    from harness.tune import format_summary
+    from harness.tune import tune as run_tune
+
+    study_file = pick_study_file(study_path, model, parse_params(params))
+    given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)
+    job = TuneJob(study_file=study_file, dataset=dataset, base=run_spec(ctx, study_file.model, dataset, (), kw),
+                  results_dir=ctx.obj["results_dir"], storage_url=storage, study_name=study_name, trials=trials,
+                  timeout=timeout, new_study=new_study, workers=workers, pruner=pruner, heartbeat=heartbeat,
+                  given_flags=given)
+
+    def worker_argv(name: str, index: int) -> list[str]:
+        return [sys.executable, "-m", "harness", *_given_options(ctx.parent), ctx.info_name,
+                *_given_options(ctx, study_name=name, new_study=None, workers=None, worker_index=index)]
+
+    summary = run_tune(job, worker_argv, worker_index, echo=click.echo)
+    if summary is not None:
+        _console().print(format_summary(summary))
+        if summary.problems:
+            sys.exit(1)
+
+
+@cli.command("studies")
+@click.option("--storage", envvar="HARNESS_STORAGE", default=None, help=_STORAGE_HELP)
+def studies_command(storage: str | None) -> None:
+    """List the stored studies: trials per state and the best validation NDCG@10.
+
+    \b
+    Example:
+      harness studies --storage postgresql://me@dbhost:5432/optuna
+    """
+    from harness.tune import format_studies, list_studies
+
+    _console().print(format_studies(list_studies(storage), storage))
+
+
+@cli.command()
+@click.option("--storage", envvar="HARNESS_STORAGE", default=None, help=_STORAGE_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.pass_context
+def dashboard(ctx: click.Context, storage: str | None, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the studies (and the trials' artifacts) while they run.
+
+    \b
+    Example:
+      harness dashboard --port 8080      # then open http://127.0.0.1:8080/dashboard/
+    """
+    from harness.tune import serve_dashboard
+
+    serve_dashboard(storage, host, port, ctx.obj["results_dir"], echo=click.echo)

@@ -120,6 +120,7 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
     key of everything that defines the run, so the same command after an interruption goes on
     where it stopped instead of starting over."""
     started = dt.datetime.now(dt.timezone.utc)
+    env = environment()  # now: the code that runs is the code checked out at the start
     resolve_device(spec.train.device)  # fail on a bad --device before any work
     data = load_data(spec)
     if progress:
@@ -133,7 +134,7 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
     return RunRecord(
         model=spec.model, dataset=spec.dataset, data_hash=data.data.content_hash, seed=spec.train.seed,
         model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(spec.train),
-        result=result.summary(), lid=lid_info, environment=environment(),
+        result=result.summary(), lid=lid_info, environment=env,
         started=started.isoformat(timespec="seconds"),
         seconds=(dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
         valid_ranks=result.valid_ranks, test_ranks=result.test_ranks,
