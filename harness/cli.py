@@ -354,9 +354,9 @@ def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | 
 
     summary = run_tune(job, worker_argv, worker_index, echo=click.echo)
     if summary is not None:
-        _console().print(format_summary(summary))
-        if summary.problems:
-            sys.exit(1)
+        _console().print(format_summary(summary), soft_wrap=True)  # paths stay whole, copy-pastable
+        if summary.problems and summary.finished < summary.target:
+            sys.exit(1)  # a worker gave up or died and the others did not make up for it
 
 
 @cli.command("studies")

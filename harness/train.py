@@ -8,7 +8,6 @@ per-epoch k-means (via `on_epoch_start`) all use this same loop.
 """
 from __future__ import annotations
 
-import copy
 import random
 import time
 from contextlib import nullcontext

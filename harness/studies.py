@@ -1,0 +1,628 @@
+"""Study files -> Optuna studies: search space, storage, sampler, pruner, the objective.
+
+A study file (TOML, one per model, under studies/) says what `harness tune` searches:
+
+    model = "igr-sr"               registered model (required)
+    description = "..."            free text
+    metric = "valid_ndcg@10"       the only one allowed: DESIGN §4 fixes model selection and
+    direction = "maximize"         pruning on validation NDCG@10 (the trainer's early stopping)
+    trials = 50                    target COMPLETE + PRUNED trials in the study (--trials)
+    sampler = "tpe"                "tpe" | "random", or { name = "tpe", seed = 0, ... } (arguments)
+    pruner = "hyperband"           "hyperband" | "median" | "none", or { name = ..., ... } (--pruner)
+    [fixed]                        values every trial uses: model config fields or trainer keys
+    [space]                        name = { type = "int"|"float"|"categorical", low, high, log,
+                                   step, choices, when = { other = value } }, suggested in file order
+    [[enqueue]]                    parameter sets run first, once, when the study is created
+
+Trainer keys (lr, weight_decay, batch_size) go to TrainConfig; every other key must be a field
+of the model's config. Every error names the file and the key.
+
+Storage: a path (default studies/optuna.journal) is Optuna's journal file, which several local
+processes append to under a file lock (no 'database is locked', unlike SQLite); it has no
+heartbeat, so each trial records its worker's host and pid, and harness/tune.py fails and
+re-enqueues a trial whose worker died on this host. `postgresql://...` (or any SQLAlchemy URL)
+is an RDBStorage with heartbeats: a silent worker's trial is failed and retried by
+RetryHeartbeatStaleTrialCallback, from any machine.
+
+The objective: suggest -> RunSpec -> harness.runs.run, reporting validation NDCG@10 each epoch
+to the pruner; a finished trial keeps its run record in user attrs and its checkpoint and
+per-user ranks as Optuna artifacts (results/artifacts/).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import inspect
+import json
+import os
+import re
+import socket
+import tempfile
+import tomllib
+import typing
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.errors import HarnessError
+
+
+DEFAULT_STORAGE = "studies/optuna.journal"
+STUDY_DIRS = (Path("studies"), Path(__file__).resolve().parent.parent / "studies")
+TRAINER_KEYS = ("lr", "weight_decay", "batch_size")  # TrainConfig fields a study may set
+METRIC = "valid_ndcg@10"
+TOP_KEYS = ("model", "description", "metric", "direction", "trials", "sampler", "pruner", "fixed",
+            "space", "enqueue")
+PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+PRUNERS = {"hyperband": optuna.pruners.HyperbandPruner, "median": optuna.pruners.MedianPruner,
+           "none": optuna.pruners.NopPruner}
+MAX_RETRY = 2  # a trial whose worker dies this often (e.g. killed for memory) is not retried again
+
+
+@contextmanager
+def quiet_experimental() -> Iterator[None]:
+    """Optuna marks heartbeats, artifacts, PED-ANOVA and grouped TPE experimental: the warning
+    says nothing a user can act on, and every worker would print it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Study files
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchParam:
+    name: str
+    type: str  # "int", "float" or "categorical"
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: tuple = ()
+    when: dict[str, Any] = field(default_factory=dict)  # suggested only if these values hold
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values.get(k) == v for k, v in self.when.items())
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (self.type == "float" or isinstance(value, int))
+
+    def describe(self) -> str:
+        """One line, also the stored form the resume check compares: `log-float [0.05, 1.0]`."""
+        if self.type == "categorical":
+            text = "{" + ", ".join(json.dumps(c) for c in self.choices) + "}"
+        else:
+            text = f"{'log-' if self.log else ''}{self.type} [{self.low!r}, {self.high!r}]"
+            text += f" step {self.step!r}" if self.step else ""
+        if self.when:
+            text += " when " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.when.items())
+        return text
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    path: Path
+    model: str
+    space: tuple[SearchParam, ...]
+    fixed: dict[str, Any]
+    context: dict[str, Any]  # values `when` conditions see: config defaults, then fixed ones
+    description: str = ""
+    metric: str = METRIC
+    direction: str = "maximize"
+    trials: int = 50
+    sampler: tuple[str, dict] = ("tpe", {})
+    pruner: tuple[str, dict] = ("hyperband", {})
+    enqueue: tuple[dict, ...] = ()
+
+
+def study_file_for(model: str) -> Path:
+    """studies/<model>.toml in the working directory, else in the repository."""
+    name = model.replace("/", "_") + ".toml"
+    for directory in STUDY_DIRS:
+        if (directory / name).is_file():
+            return directory / name
+    raise HarnessError(f"no study file for model {model!r}: looked for {STUDY_DIRS[0] / name} and "
+                       f"{STUDY_DIRS[1] / name}; write one (see studies/igr-sr.toml) and pass --study FILE")
+
+
+def pick_study_file(path: str | None, model: str | None, extra_fixed: dict[str, str]) -> StudyFile:
+    """--study FILE, else studies/<--model>.toml (default igr-sr); both must agree."""
+    sf = load_study_file(path if path else study_file_for(model or "igr-sr"), extra_fixed)
+    if model and sf.model != model:
+        raise HarnessError(f"--model {model}: the study file {sf.path} tunes {sf.model}")
+    return sf
+
+
+def load_study_file(path: Path | str, extra_fixed: dict[str, str] | None = None) -> StudyFile:
+    """Parse and check a study file; `extra_fixed` are `--param KEY=VALUE` strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"study file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise HarnessError(f"{path}: not valid TOML ({e})") from None
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise HarnessError(f"{path}: {key}: unknown key; known: {', '.join(TOP_KEYS)}")
+    model = _typed(raw, "model", str, path, None)
+    if model is None:
+        raise HarnessError(f'{path}: model: missing (the registered model to tune, e.g. "igr-sr")')
+    metric = _typed(raw, "metric", str, path, METRIC)
+    if metric != METRIC:
+        raise HarnessError(f"{path}: metric: {metric!r} is not supported; the protocol selects and prunes "
+                           f"on {METRIC!r} (DESIGN §4)")
+    direction = _typed(raw, "direction", str, path, "maximize")
+    if direction != "maximize":
+        raise HarnessError(f"{path}: direction: {METRIC} is maximized, got {direction!r}")
+    trials = _typed(raw, "trials", int, path, 50)
+    if trials < 1:
+        raise HarnessError(f"{path}: trials: expected a positive integer, got {trials}")
+    space_raw = _typed(raw, "space", dict, path, {})
+    if not space_raw:
+        raise HarnessError(f"{path}: space: missing or empty (at least one parameter to search)")
+    space = tuple(_parse_param(path, name, spec) for name, spec in space_raw.items())
+    sf = StudyFile(path=path, model=model, space=space, fixed=dict(_typed(raw, "fixed", dict, path, {})),
+                   context={}, description=_typed(raw, "description", str, path, ""), metric=metric,
+                   direction=direction, trials=trials,
+                   sampler=_parse_choice(raw, "sampler", SAMPLERS, path),
+                   pruner=_parse_choice(raw, "pruner", PRUNERS, path),
+                   enqueue=tuple(_typed(raw, "enqueue", list, path, [])))
+    return _check_against_model(sf, extra_fixed or {})
+
+
+def _typed(raw: dict, key: str, kind: type, path: Path, default: Any) -> Any:
+    value = raw.get(key, default)
+    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise HarnessError(f"{path}: {key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
+            list: "a list of tables"}.get(kind, kind.__name__)
+
+
+def _parse_param(path: Path, name: str, raw: Any) -> SearchParam:
+    where = f"{path}: space.{name}"
+    if not isinstance(raw, dict):
+        raise HarnessError(f'{where}: expected a table like {{ type = "int", low = 1, high = 5 }}, got {raw!r}')
+    for key in raw:
+        if key not in PARAM_KEYS:
+            raise HarnessError(f"{where}.{key}: unknown key; known: {', '.join(PARAM_KEYS)}")
+    kind = raw.get("type")
+    if kind not in ("int", "float", "categorical"):
+        raise HarnessError(f'{where}.type: expected "int", "float" or "categorical", got {kind!r}')
+    when = raw.get("when", {})
+    if not isinstance(when, dict):
+        raise HarnessError(f"{where}.when: expected a table like {{ use_icr = true }}, got {when!r}")
+    if kind == "categorical":
+        for key in ("low", "high", "log", "step"):
+            if key in raw:
+                raise HarnessError(f"{where}.{key}: not used by a categorical parameter (give choices)")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise HarnessError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        for choice in choices:
+            if not isinstance(choice, (bool, int, float, str)):
+                raise HarnessError(f"{where}.choices: {choice!r} is not a number, string or boolean")
+        if len({json.dumps(c) for c in choices}) != len(choices):
+            raise HarnessError(f"{where}.choices: repeated values in {choices!r}")
+        return SearchParam(name, kind, choices=tuple(choices), when=dict(when))
+    if "choices" in raw:
+        raise HarnessError(f"{where}.choices: only for type = \"categorical\"")
+    number = int if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        if key not in raw:
+            raise HarnessError(f"{where}.{key}: missing")
+        if isinstance(raw[key], bool) or not isinstance(raw[key], number):
+            raise HarnessError(f"{where}.{key}: expected {_kind_name(int if kind == 'int' else float)}, "
+                               f"got {raw[key]!r}")
+    low, high = raw["low"], raw["high"]
+    if low > high:
+        raise HarnessError(f"{where}: low ({low}) > high ({high})")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise HarnessError(f"{where}.log: expected true or false, got {log!r}")
+    if log and low <= 0:
+        raise HarnessError(f"{where}.low: a log range needs low > 0, got {low}")
+    step = raw.get("step")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, number) or step <= 0:
+            raise HarnessError(f"{where}.step: expected a positive {kind}, got {step!r}")
+        if log:
+            raise HarnessError(f"{where}.step: cannot be combined with log = true")
+    if kind == "float":
+        low, high, step = float(low), float(high), None if step is None else float(step)
+    return SearchParam(name, kind, low, high, log, step, when=dict(when))
+
+
+def _parse_choice(raw: dict, key: str, known: dict[str, Callable], path: Path) -> tuple[str, dict]:
+    """`key = "name"` or `key = { name = "...", arg = value }`; args are checked by name only."""
+    value = raw.get(key, next(iter(known)))
+    options: dict = {}
+    if isinstance(value, dict):
+        options = {k: v for k, v in value.items() if k != "name"}
+        value = value.get("name")
+    if value not in known:
+        raise HarnessError(f"{path}: {key}: expected one of {', '.join(known)}, got {value!r}")
+    accepted = inspect.signature(known[value]).parameters
+    for option in options:
+        if option not in accepted:
+            raise HarnessError(f"{path}: {key}.{option}: not an argument of the {value} {key}; "
+                               f"known: {', '.join(accepted) or 'none'}")
+    return value, options
+
+
+def _check_against_model(sf: StudyFile, extra_fixed: dict[str, str]) -> StudyFile:
+    import models
+    from harness import config as config_mod
+    from harness.train import TrainConfig
+
+    try:
+        spec = models.get(sf.model)
+    except KeyError as e:
+        raise HarnessError(f"{sf.path}: model: {e.args[0]}") from None
+    types = {**typing.get_type_hints(spec.config_cls), **{k: typing.get_type_hints(TrainConfig)[k]
+                                                          for k in TRAINER_KEYS}}
+    model_fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+
+    def check_key(key: str, where: str) -> type:
+        if key in spec.fixed:
+            raise HarnessError(f"{where}: {sf.model} fixes {key} = {spec.fixed[key]!r}")
+        if key == "max_len":
+            raise HarnessError(f"{where}: the history length is a trainer setting; use --max-len")
+        if key not in types:
+            raise HarnessError(f"{where}: not a parameter of {sf.model}; known: "
+                               f"{', '.join([*model_fields, *TRAINER_KEYS])}")
+        return types[key]
+
+    fixed = {}
+    for key, value in sf.fixed.items():
+        fixed[key] = _check_value(value, check_key(key, f"{sf.path}: fixed.{key}"), f"{sf.path}: fixed.{key}")
+    searched = {p.name for p in sf.space}
+    for key, value in config_mod.coerce(spec.config_cls, extra_fixed, where="--param").items():
+        if key in searched:
+            raise HarnessError(f"--param {key}: {sf.path} searches {key}; edit the study file or drop the flag")
+        check_key(key, f"--param {key}")
+        fixed[key] = value
+    context = {**{k: f.default for k, f in model_fields.items() if f.default is not dataclasses.MISSING},
+               **spec.fixed, **fixed}
+    seen: dict[str, SearchParam] = {}
+    for p in sf.space:
+        where = f"{sf.path}: space.{p.name}"
+        if p.name in fixed:
+            raise HarnessError(f"{where}: also in [fixed]; a parameter is either searched or fixed")
+        kind = check_key(p.name, where)
+        expected = "int" if kind is int else "float" if kind is float else "categorical"
+        if p.type != "categorical" and p.type != expected:
+            raise HarnessError(f'{where}: {sf.model}\'s {p.name} takes {_kind_name(kind)}; use type = "{expected}"')
+        for choice in p.choices:
+            _check_value(choice, kind, f"{where}.choices")
+        for key, value in p.when.items():
+            if key in seen:
+                if not seen[key].contains(value):
+                    raise HarnessError(f"{where}.when.{key}: {value!r} is never suggested for {key}")
+            elif key in searched:
+                raise HarnessError(f"{where}.when.{key}: {key} must come before {p.name} in [space]")
+            elif key not in context:
+                raise HarnessError(f"{where}.when.{key}: not a parameter of {sf.model}")
+        seen[p.name] = p
+    for i, params in enumerate(sf.enqueue):
+        if not isinstance(params, dict):
+            raise HarnessError(f"{sf.path}: enqueue[{i}]: expected a table of parameter values")
+        for key, value in params.items():
+            if key not in seen:
+                raise HarnessError(f"{sf.path}: enqueue[{i}].{key}: not in [space]")
+            if not seen[key].contains(value):
+                raise HarnessError(f"{sf.path}: enqueue[{i}].{key}: {value!r} is outside {seen[key].describe()}")
+    for key, make in (("sampler", make_sampler), ("pruner", make_pruner)):
+        try:  # check the arguments' values now rather than in the first trial
+            make(sf, None, 200)
+        except (TypeError, ValueError) as e:
+            raise HarnessError(f"{sf.path}: {key}: {e}") from None
+    return dataclasses.replace(sf, fixed=fixed, context=context)
+
+
+def _check_value(value: Any, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise HarnessError(f"{where}: expected {_kind_name(kind)}, got {value!r}")
+
+
+def suggest(trial: optuna.Trial, sf: StudyFile) -> dict[str, Any]:
+    """The trial's parameters; a conditional one is absent when its `when` does not hold."""
+    params: dict[str, Any] = {}
+    for p in sf.space:
+        if p.active({**sf.context, **params}):
+            params[p.name] = p.suggest(trial)
+    return params
+
+
+def make_sampler(sf: StudyFile, worker: int | None, epoch_cap: int) -> optuna.samplers.BaseSampler:
+    name, options = sf.sampler
+    options = dict(options)
+    if name == "tpe":
+        # grouped multivariate TPE models the conditional space (p_mask only with use_icr) jointly
+        options = {"multivariate": True, "group": True, **options}
+    if options.get("seed") is not None and worker:
+        options["seed"] += worker  # workers with one seed would propose the same points
+    with quiet_experimental():
+        return SAMPLERS[name](**options)
+
+
+def make_pruner(sf: StudyFile, override: str | None, epoch_cap: int) -> optuna.pruners.BasePruner:
+    name, options = sf.pruner
+    if override is not None and override != name:
+        name, options = override, {}  # the file's arguments belong to its own pruner
+    options = dict(options)
+    if name == "median":
+        options = {"n_startup_trials": 5, "n_warmup_steps": 0, **options}
+    if name == "hyperband":
+        # resource = epochs; the largest bracket runs to the per-trial epoch cap
+        options.setdefault("max_resource", epoch_cap)
+        options["min_resource"] = min(options.get("min_resource", 1), options["max_resource"])
+    return PRUNERS[name](**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------
+
+class FlockLock:
+    """An fcntl lock on `<journal>.lock`. The kernel drops it when its holder dies, so a worker
+    killed mid-write never leaves a lock the others must wait out (Optuna's default symlink lock
+    is broken only after a 30 s grace period). For local file systems (NFS: Optuna's own locks).
+    Duck-types Optuna's BaseJournalFileLock (acquire / release), which the package does not export."""
+
+    def __init__(self, journal: str):
+        self._path = journal + ".lock"
+        self._file = None
+
+    def acquire(self) -> bool:
+        self._file = open(self._path, "a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    """A journal file for a path (default studies/optuna.journal), an RDBStorage for a URL."""
+    url = url or DEFAULT_STORAGE
+    if "://" not in url:
+        path = Path(url)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
+        except OSError as e:
+            raise HarnessError(f"--storage {url}: cannot open the journal file ({e.strerror or e})") from None
+    scheme, shown = url.split("://", 1)[0], safe_url(url)
+    if not scheme.startswith(("sqlite", "postgresql", "mysql")):
+        raise HarnessError(f"--storage {shown}: unsupported scheme {scheme!r}; use a journal file path "
+                           f"(default {DEFAULT_STORAGE}), sqlite:///FILE.db or postgresql://USER@HOST:PORT/DB")
+    if scheme == "postgresql":  # SQLAlchemy 2.1 means psycopg 3 by it; use the driver that is installed
+        url = f"postgresql+{_postgres_driver(url)}://" + url.split("://", 1)[1]
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        with quiet_experimental():
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        kwargs = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
+                  "heartbeat_stale_trial_callback": retry}
+    engine = {"connect_args": {"connect_timeout": 10}} if scheme.startswith("postgresql") else {}
+    try:
+        with quiet_experimental():
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+    except ImportError as e:
+        raise HarnessError(f"--storage {shown}: its database driver is not installed ({e}); "
+                           "for PostgreSQL: pip install psycopg2-binary") from None
+    except Exception as e:  # SQLAlchemy's errors for bad URLs, refused connections, bad logins
+        raise HarnessError(f"--storage {shown}: cannot open ({first_line(e)})") from None
+
+
+def _postgres_driver(url: str) -> str:
+    import importlib.util
+
+    for driver in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(driver) is not None:
+            return driver
+    raise HarnessError(f"--storage {safe_url(url)}: no PostgreSQL driver is installed; pip install psycopg2-binary")
+
+
+def safe_url(url: str | None) -> str:
+    """The URL without its password, for messages."""
+    url = url or DEFAULT_STORAGE
+    if "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # unparsable: still name it, less anything between ':' and '@'
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def is_journal(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, JournalStorage)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective: one trial = one run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TuneJob:
+    study_file: StudyFile
+    dataset: str
+    base: Any  # harness.runs.RunSpec: trainer flags (--epochs is the per-trial cap), data and cache
+    results_dir: Path = Path("results")
+    storage_url: str | None = None
+    study_name: str | None = None
+    trials: int | None = None  # None: the study file's budget
+    timeout: float | None = None
+    new_study: bool = False
+    workers: int = 1
+    pruner: str | None = None  # overrides the study file's
+    heartbeat: int = 60  # RDB storages only
+    given_flags: frozenset[str] = frozenset()  # options given on the command line
+
+    @property
+    def target(self) -> int:
+        return self.trials or self.study_file.trials
+
+    @property
+    def pruner_name(self) -> str:
+        return self.pruner or self.study_file.pruner[0]
+
+    def default_study_name(self) -> str:
+        dataset = Path(self.dataset).stem if "/" in self.dataset else self.dataset
+        return f"{self.study_file.model}-{dataset}"
+
+
+def trial_spec(job: TuneJob, params: dict[str, Any]):
+    """RunSpec of one trial: trainer keys go to TrainConfig, the rest to the model's config."""
+    values = {**job.study_file.fixed, **params}
+    train = dataclasses.replace(job.base.train, **{k: v for k, v in values.items() if k in TRAINER_KEYS})
+    return dataclasses.replace(job.base, model=job.study_file.model, dataset=job.dataset, train=train,
+                               params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
+
+
+def this_worker() -> dict:
+    """Who runs a trial; `start` tells a reused pid apart from the process that had it."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    try:  # field 22 of /proc/PID/stat: start time in clock ticks since boot
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    if fields[0] == "Z":  # killed, not yet reaped by its parent
+        return False
+    return start is None or fields[19] == start
+
+
+def artifact_store(results_dir: Path):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    path = results_dir / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(path)
+
+
+def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
+    """suggest -> RunSpec -> run, pruning on validation NDCG@10; a failure's reason is kept."""
+
+    def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(trial, job, store)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))  # resume runs it again
+            raise
+        except Exception as e:  # bad input says what to fix; anything else names its type too
+            trial.set_user_attr("fail_reason", first_line(e) if isinstance(e, HarnessError)
+                                else f"{type(e).__name__}: {first_line(e)}")
+            raise
+
+    return objective
+
+
+def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
+    from harness.runs import run, save_record
+
+    cap = job.base.train.epochs
+    trial.set_user_attr("worker", this_worker())
+    trial.set_user_attr("epoch_cap", cap)
+    trial.set_user_attr("epochs", 0)
+    retry_of = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+    if retry_of is not None:
+        trial.set_user_attr("retry_of", retry_of)
+    spec = trial_spec(job, suggest(trial, job.study_file))
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        value = row[METRIC]
+        trial.report(value, epoch)
+        trial.set_user_attr("epochs", epoch)
+        if epoch < cap and trial.should_prune():  # at the cap it is done: pruning would only lose it
+            reason = f"pruned at epoch {epoch} of {cap} by the {job.pruner_name} pruner (valid ndcg@10 {value:.4f})"
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
+
+    record = run(spec, on_epoch=on_epoch, progress=False)
+    res = record.result
+    for key, value in {"valid": res["valid"], "test": res["test"], "epochs": res["epochs_run"],
+                       "best_epoch": res["best_epoch"], "stopped": res["stopped"], "data_hash": record.data_hash,
+                       "git_commit": record.environment["git_commit"], "seconds": round(record.seconds, 1),
+                       "model_config": record.model_config, "train_config": record.train_config,
+                       "lid_key": (record.lid or {}).get("key")}.items():
+        trial.set_user_attr(key, value)
+    # the checkpoint, per-user ranks and full record as artifacts: tables need no retraining
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_record(record, Path(tmp))
+        for suffix, name in ((".pt", "checkpoint"), (".npz", "ranks"), (".json", "record")):
+            with quiet_experimental():
+                artifact_id = optuna.artifacts.upload_artifact(
+                    artifact_store=store, file_path=str(path.with_suffix(suffix)), study_or_trial=trial)
+            trial.set_user_attr(f"artifact_{name}", artifact_id)
+    return res["valid"]["ndcg@10"]
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """The WAITING copy RetryHeartbeatStaleTrialCallback makes (same system attrs, so its
+    retried_trial_number() works for both storages), without the dead trial's user attrs."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        return
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                      "retry_history": history}))

@@ -1,0 +1,515 @@
+"""`harness tune`, `harness studies`, `harness dashboard`: create or resume a study, run its
+trials in this process or in N worker processes, fail and retry the trials of dead workers,
+and summarise (best trial, counts, epochs saved by pruning, top trials as CSV and LaTeX,
+parameter importances) under results/tune/<study>/.
+
+Resume: a study is named `<model>-<dataset>` unless --study-name; running again continues it
+(the target counts COMPLETE + PRUNED trials already stored). Its definition (model, dataset,
+fixed params, search space) is stored with it, and a study file that no longer matches is
+refused unless --new-study, which starts `<name>-2` beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.errors import HarnessError
+from harness.studies import (DEFAULT_STORAGE, TRAINER_KEYS, SearchParam, TuneJob, artifact_store, first_line,
+                             is_journal, make_objective, make_pruner, make_sampler, open_storage, process_alive,
+                             quiet_experimental, requeue, safe_url)
+
+MAX_FAILURES_IN_A_ROW = 5  # a worker stops when this many trials in a row fail (a broken setup)
+MIN_TRIALS_FOR_IMPORTANCE = 10  # PED-ANOVA compares the top 10 % with the rest
+TOP_N = 10
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Create or resume a study; dead workers
+# ---------------------------------------------------------------------------------------------
+
+def study_definition(job: TuneJob) -> dict:
+    """What makes trials comparable; stored with the study, compared on resume. The trainer
+    settings count too (a 50-epoch trial is no peer of a 200-epoch one, and --mask-history
+    changes the metric), except the device and those the study file sets itself."""
+    sf = job.study_file
+    set_by_file = {*sf.fixed, *(p.name for p in sf.space)}
+    train = {k: v for k, v in dataclasses.asdict(job.base.train).items()
+             if k not in ("device", "eval_batch_size") and k not in set_by_file}
+    return {"model": sf.model, "dataset": job.dataset, "metric": sf.metric, "direction": sf.direction,
+            "fixed": {k: sf.fixed[k] for k in sorted(sf.fixed)},
+            "space": {p.name: p.describe() for p in sf.space},
+            "train": {**train, "lid_epochs": job.base.lid_epochs}}
+
+
+def open_study(job: TuneJob, storage) -> tuple[optuna.Study, str]:
+    """Create the study, or resume it when its definition matches; returns it and a note."""
+    name = job.study_name or job.default_study_name()
+    names = set(optuna.study.get_all_study_names(storage))
+    definition = json.loads(json.dumps(study_definition(job)))
+    where = safe_url(job.storage_url)
+    kept = ""
+    if name in names and job.new_study:
+        base, n = name, 2
+        while f"{base}-{n}" in names:
+            n += 1
+        name, kept = f"{base}-{n}", f" (study {name!r} is kept as it was)"
+    study = optuna.create_study(study_name=name, storage=storage, direction=job.study_file.direction,
+                                load_if_exists=True)
+    stored = study.user_attrs.get("definition")
+    if stored is None:
+        study.set_user_attr("definition", definition)
+        study.set_user_attr("study_file", str(job.study_file.path))
+        for params in job.study_file.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+        return study, f"created study {name!r} in {where}{kept}"
+    if stored != definition:
+        raise HarnessError(f"study {name!r} in {where} was created with a different definition "
+                           f"({_first_difference(stored, definition, job.study_file.path)}); "
+                           "rerun with --new-study to start a fresh study beside it (the old one is kept), "
+                           "or pick another --study-name")
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    return study, f"resuming study {name!r} in {where}: " + (
+        ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet")
+
+
+def _first_difference(stored: dict, now: dict, path: Path) -> str:
+    for key in ("model", "dataset", "metric", "direction"):
+        if stored.get(key) != now[key]:
+            return f"{key}: {stored.get(key)!r} stored, {now[key]!r} now"
+    for section in ("space", "fixed", "train"):
+        old, new = stored.get(section, {}), now[section]
+        for key in [*old, *(k for k in new if k not in old)]:
+            if old.get(key) != new.get(key):
+                where = f"in {path}" if section != "train" else "now"
+                return f"{section}.{key}: {old.get(key, 'absent')} stored, {new.get(key, 'absent')} {where}"
+    return "parameter order"
+
+
+def recover_dead_workers(study: optuna.Study) -> list[int]:
+    """Journal storage has no heartbeat: fail RUNNING trials whose worker process on this host
+    is gone ("worker died") and enqueue their parameters again. Returns the failed numbers."""
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not isinstance(worker, dict) or worker.get("host") != host:
+            continue  # not started yet, or another machine's: only its own host can tell
+        if process_alive(worker["pid"], worker.get("start")):
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                               f"worker died (pid {worker['pid']} on {host})")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first (and re-enqueued it)
+        requeue(study, trial)
+        failed.append(trial.number)
+    return failed
+
+
+def recover(study: optuna.Study) -> list[int]:
+    """Fail and re-enqueue the trials of dead workers: by pid (journal) or heartbeat (RDB)."""
+    if is_journal(study._storage):
+        return recover_dead_workers(study)
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)  # runs RetryHeartbeatStaleTrialCallback
+    return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+class _TrialPrinter:
+    """One line per finished trial; stops the worker after repeated failures (a broken setup)."""
+
+    def __init__(self, echo: Callable[[str], None], prefix: str):
+        self.echo, self.prefix, self.failures_in_a_row = echo, prefix, 0
+        self.gave_up: str | None = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.echo(self.prefix + trial_line(trial))
+        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            self.gave_up = f"{self.failures_in_a_row} trials in a row failed, the last with {fail_reason(trial)!r}"
+            study.stop()
+
+
+def trial_line(trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    if "retry_of" in attrs:
+        params += f" (retry of trial {attrs['retry_of']})"
+    if trial.state == TrialState.COMPLETE:
+        return (f"trial {trial.number} complete: valid ndcg@10 {trial.value:.4f}, test ndcg@10 "
+                f"{attrs.get('test', {}).get('ndcg@10', float('nan')):.4f} ({attrs.get('epochs')} epochs, "
+                f"best {attrs.get('best_epoch')}); {params}")
+    if trial.state == TrialState.PRUNED:
+        return f"trial {trial.number} {attrs.get('prune_reason', 'pruned')}; {params}"
+    state = "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
+    return f"trial {trial.number} {state}: {fail_reason(trial)}"
+
+
+def fail_reason(trial: FrozenTrial) -> str:
+    # RDB storages fail a stale trial without a word: its worker was killed or lost its connection
+    return trial.user_attrs.get("fail_reason", "no reason recorded (worker lost: no heartbeat, or killed)")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
+               echo: Callable[[str], None] = print) -> str | None:
+    """Run trials in this process until the study has `job.target` finished trials (or the
+    timeout passes); returns why it stopped early when that is a problem."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial_line reports each trial once
+    storage = storage or open_storage(job.storage_url, job.heartbeat)
+    cap = job.base.train.epochs
+    study = optuna.load_study(study_name=study_name, storage=storage,
+                              sampler=make_sampler(job.study_file, worker, cap),
+                              pruner=make_pruner(job.study_file, job.pruner, cap))
+    prefix = f"[w{worker}] " if worker else ""
+    for number in recover(study):
+        echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
+    if finished_count(study) >= job.target:
+        return None
+
+    def recover_between_trials(study: optuna.Study, _trial: FrozenTrial) -> None:
+        for number in recover_dead_workers(study):  # a sibling died: retry its trial now
+            echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
+
+    printer = _TrialPrinter(echo, prefix)
+    callbacks = [optuna.study.MaxTrialsCallback(job.target, states=FINISHED), printer]
+    if is_journal(storage):  # RDB storages do this through heartbeats
+        callbacks.append(recover_between_trials)
+    with quiet_experimental():
+        study.optimize(make_objective(job, artifact_store(job.results_dir)), timeout=job.timeout,
+                       callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+    return printer.gave_up
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def threads_per_worker(workers: int) -> int:
+    """The cores split between workers; an OMP_NUM_THREADS already set is a cap."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
+
+
+def _gpus(job: TuneJob) -> list[str]:
+    """GPU ids to hand out one per worker (DESIGN §6), when the device allows more than one."""
+    if job.base.train.device not in ("auto", "cuda"):
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [] if count < 2 else (visible.split(",") if visible else [str(i) for i in range(count)])
+
+
+def run_worker_processes(job: TuneJob, argv_for: Callable[[int], list[str]],
+                         echo: Callable[[str], None] = print) -> list[str]:
+    """Start `job.workers` worker processes (the same command with --worker I), wait for them;
+    returns a line per worker that did not exit cleanly."""
+    threads, gpus = threads_per_worker(job.workers), _gpus(job)
+    processes = []
+    for i in range(1, job.workers + 1):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[(i - 1) % len(gpus)]
+        processes.append(subprocess.Popen(argv_for(i), env=env))
+    echo(f"started {job.workers} workers ({threads} torch thread{'s' * (threads > 1)} each): pids "
+         + ", ".join(str(p.pid) for p in processes))
+    problems = []
+    try:
+        for i, process in enumerate(processes, 1):
+            code = process.wait()
+            if code:
+                what = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                problems.append(f"worker {i} (pid {process.pid}) {what}")
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the workers too: let them finish up
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+        raise
+    return problems
+
+
+def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = None,
+         worker: int | None = None, echo: Callable[[str], None] = print) -> TuneSummary | None:
+    """`harness tune`: check, create or resume the study, run trials here or in `job.workers`
+    processes (`worker_argv(study_name, i)` is worker i's command line), summarise.
+    A worker process (`worker` set) only runs trials."""
+    from harness.data import registry as datasets
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created": we say it
+    clash = sorted(job.given_flags & {k for k in TRAINER_KEYS if k in job.study_file.fixed
+                                      or any(p.name == k for p in job.study_file.space)})
+    if clash:
+        flag = "--" + clash[0].replace("_", "-")
+        raise HarnessError(f"{flag}: {job.study_file.path} sets {clash[0]} for every trial; drop the flag "
+                           "or edit the study file")
+    datasets.load(job.dataset, job.base.data_dir, job.base.cache_dir)  # a missing dataset: one line, now
+    if worker is not None:
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        gave_up = run_worker(job, job.study_name or job.default_study_name(), worker, echo=echo)
+        if gave_up:
+            raise HarnessError(f"worker {worker}: {gave_up}")  # exit status 1 tells the parent
+        return None
+    storage = open_storage(job.storage_url, job.heartbeat)
+    study, note = open_study(job, storage)
+    echo(note)
+    done = finished_count(study)
+    if done >= job.target:
+        echo(f"the study already has {done} finished trials (target {job.target}): nothing to run; "
+             "raise --trials to continue it")
+    problems: list[str] = []
+    if job.workers == 1 or done >= job.target:
+        gave_up = run_worker(job, study.study_name, 0, storage, echo)
+        problems += [gave_up] if gave_up else []
+    else:
+        problems = run_worker_processes(job, lambda i: worker_argv(study.study_name, i), echo)
+        for number in recover(study):
+            echo(f"trial {number}: its worker died; failed and enqueued again")
+    return summarize(study, job, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary: best trial, counts, epochs saved by pruning, top trials, importances
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TuneSummary:
+    study_name: str
+    storage: str
+    target: int
+    counts: dict[str, int]
+    best: dict | None  # number, value, params, test
+    epochs_trained: int
+    epochs_unpruned: int
+    importances: dict[str, float]
+    importance_note: str
+    outputs: dict[str, Path]
+    problems: list[str]
+
+    @property
+    def finished(self) -> int:
+        return self.counts.get("complete", 0) + self.counts.get("pruned", 0)
+
+
+def trial_row(trial: FrozenTrial, space: tuple[SearchParam, ...]) -> dict:
+    attrs = trial.user_attrs
+    row = {"trial": trial.number, "state": trial.state.name.lower(),
+           "valid_ndcg@10": trial.value if trial.state == TrialState.COMPLETE else None}
+    for name in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+        row[f"test_{name}"] = attrs.get("test", {}).get(name)
+    row.update({"epochs": attrs.get("epochs"), "best_epoch": attrs.get("best_epoch"),
+                "epoch_cap": attrs.get("epoch_cap")})
+    row.update({p.name: trial.params.get(p.name) for p in space})
+    row["note"] = (attrs.get("prune_reason", "") if trial.state == TrialState.PRUNED
+                   else fail_reason(trial) if trial.state == TrialState.FAIL else "")
+    return row
+
+
+def summarize(study: optuna.Study, job: TuneJob, problems: list[str]) -> TuneSummary:
+    import pandas as pd
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    counts = Counter(t.state.name.lower() for t in trials)
+    best = None
+    if complete:
+        b = study.best_trial
+        best = {"number": b.number, "value": b.value, "params": b.params, "test": b.user_attrs.get("test", {}),
+                "epochs": b.user_attrs.get("epochs"), "best_epoch": b.user_attrs.get("best_epoch")}
+    epochs_trained = sum(t.user_attrs.get("epochs", 0) for t in complete + pruned)
+    epochs_unpruned = (sum(t.user_attrs.get("epochs", 0) for t in complete)
+                       + sum(t.user_attrs.get("epoch_cap", 0) for t in pruned))
+    importances, note = {}, ""
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        note = (f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials "
+                f"({len(complete)} so far)")
+    else:
+        try:
+            with quiet_experimental():
+                importances = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        except Exception as e:  # e.g. a parameter with one value only
+            note = f"parameter importances unavailable: {first_line(e)}"
+
+    out = job.results_dir / "tune" / study.study_name.replace("/", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    space = job.study_file.space
+    rows = pd.DataFrame([trial_row(t, space) for t in trials])
+    top = sorted(complete, key=lambda t: t.value, reverse=True)[:TOP_N]
+    top_rows = pd.DataFrame([trial_row(t, space) for t in top])
+    outputs = {"trials": out / "trials.csv", "top_csv": out / "top_trials.csv", "top_tex": out / "top_trials.tex",
+               "summary": out / "summary.json"}
+    rows.to_csv(outputs["trials"], index=False)
+    top_rows.to_csv(outputs["top_csv"], index=False)
+    outputs["top_tex"].write_text(latex_top_trials(top, job, study.study_name))
+    if importances:
+        outputs["importances"] = out / "importances.csv"
+        pd.Series(importances, name="importance").rename_axis("parameter").to_csv(outputs["importances"])
+    summary = TuneSummary(study_name=study.study_name, storage=safe_url(job.storage_url), target=job.target,
+                          counts=dict(counts), best=best, epochs_trained=epochs_trained,
+                          epochs_unpruned=epochs_unpruned, importances=importances, importance_note=note,
+                          outputs=outputs, problems=problems)
+    outputs["summary"].write_text(json.dumps(
+        {**dataclasses.asdict(summary), "outputs": {k: str(v) for k, v in outputs.items()}}, indent=2) + "\n")
+    return summary
+
+
+def latex_top_trials(top: list[FrozenTrial], job: TuneJob, study_name: str) -> str:
+    """Booktabs table of the top trials, marked and captioned like harness.report's tables."""
+    import pandas as pd
+
+    from harness.report import latex_escape, protocol_caption, rank_marks
+
+    space = [p.name for p in job.study_file.space]
+    metrics = {"valid NDCG@10": lambda t: t.value}
+    for name in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"):
+        label = f"test {name.replace('recall', 'Recall').replace('ndcg', 'NDCG')}"
+        metrics[label] = lambda t, name=name: t.user_attrs.get("test", {}).get(name)
+    frame = pd.DataFrame({label: [get(t) for t in top] for label, get in metrics.items()}, dtype=float)
+    marks = {col: rank_marks(frame[col]) for col in frame.columns}
+    header = ["trial", *space, *metrics]
+    lines = [r"\begin{table}[t]", r"\centering",
+             rf"\caption{{Top trials of study {latex_escape(study_name)} ({latex_escape(job.study_file.model)} on "
+             rf"{latex_escape(job.dataset)}) by validation NDCG@10, which selects and prunes; test metrics of "
+             rf"each trial's best-validation checkpoint; at most {job.base.train.epochs} epochs per trial. "
+             rf"{protocol_caption(mask_history=job.base.train.mask_history)}}}",
+             rf"\label{{tab:tune-{re.sub(r'[^A-Za-z0-9:-]', '-', study_name)}}}",
+             rf"\begin{{tabular}}{{{'l' * (1 + len(space)) + 'c' * len(metrics)}}}", r"\toprule",
+             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for i, t in enumerate(top):
+        cells = [str(t.number), *(latex_escape(_fmt(t.params[p])) if p in t.params else "--" for p in space)]
+        for col in frame.columns:
+            v = frame.loc[i, col]
+            text = "--" if pd.isna(v) else f"{v:.4f}"
+            mark = marks[col].get(i)
+            cells.append(rf"\textbf{{{text}}}" if mark == "best" else rf"\underline{{{text}}}" if mark == "second"
+                         else text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(s: TuneSummary):
+    """The summary as rich renderables."""
+    from rich.console import Group
+    from rich.table import Table
+
+    parts: list[Any] = []
+    counts = ", ".join(f"{s.counts.get(k, 0)} {word}" for k, word in
+                       (("complete", "complete"), ("pruned", "pruned"), ("fail", "failed")))
+    others = ", ".join(f"{n} {k}" for k, n in s.counts.items() if k not in ("complete", "pruned", "fail"))
+    parts.append(f"study [bold]{s.study_name}[/bold] in {s.storage}: {counts}" + (f", {others}" if others else "")
+                 + f" (target {s.target} complete + pruned)")
+    if s.best is None:
+        parts.append("no completed trial yet")
+    else:
+        parts.append(f"best trial {s.best['number']}: valid ndcg@10 [bold]{s.best['value']:.4f}[/bold]")
+        table = Table()
+        table.add_column("parameter")
+        table.add_column("value", justify="right")
+        for key, value in s.best["params"].items():
+            table.add_row(key, _fmt(value))
+        for key, value in s.best["test"].items():
+            table.add_row(f"test {key}", f"{value:.4f}")
+        parts.append(table)
+    if s.epochs_unpruned:
+        saved = 1 - s.epochs_trained / s.epochs_unpruned
+        parts.append(f"epochs trained {s.epochs_trained} of {s.epochs_unpruned} unpruned ({saved:.0%} saved by pruning)")
+    if s.importances:
+        table = Table(title="parameter importances (PED-ANOVA)")
+        table.add_column("parameter")
+        table.add_column("importance", justify="right")
+        for key, value in s.importances.items():
+            table.add_row(key, f"{value:.3f}")
+        parts.append(table)
+    elif s.importance_note:
+        parts.append(f"note: {s.importance_note}")
+    parts.extend(f"[yellow]warning: {p}[/yellow]" for p in s.problems)
+    parts.append(f"outputs in {s.outputs['summary'].parent}/")
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# `harness studies`, `harness dashboard`
+# ---------------------------------------------------------------------------------------------
+
+def list_studies(url: str | None) -> list[dict]:
+    journal = url or DEFAULT_STORAGE
+    if "://" not in journal and not Path(journal).exists():
+        return []  # nothing stored yet: do not create the file just to say so
+    storage = open_storage(url)
+    rows = []
+    for name in sorted(optuna.study.get_all_study_names(storage)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = max(complete, key=lambda t: t.value) if complete else None
+        definition = study.user_attrs.get("definition", {})
+        rows.append({"study": name, "model": definition.get("model", "?"), "dataset": definition.get("dataset", "?"),
+                     **Counter(t.state.name.lower() for t in trials),
+                     "best": None if best is None else best.value, "best_trial": None if best is None else best.number})
+    return rows
+
+
+def format_studies(rows: list[dict], url: str | None):
+    from rich import box
+    from rich.table import Table
+
+    if not rows:
+        return f"no studies in {safe_url(url)} yet (run `harness tune --dataset NAME`)"
+    table = Table(title=f"studies in {safe_url(url)}", box=box.SIMPLE_HEAD)
+    table.add_column("study")
+    table.add_column("trials")
+    table.add_column("best valid NDCG@10", no_wrap=True)
+    for r in rows:
+        counts = [f"{r.get(k, 0)} {word}" for k, word in (("complete", "complete"), ("pruned", "pruned"),
+                                                             ("fail", "failed"))]
+        counts += [f"{r[k]} {k}" for k in ("running", "waiting") if r.get(k)]
+        best = "--" if r["best"] is None else f"{r['best']:.4f} (trial {r['best_trial']})"
+        table.add_row(f"{r['study']}\n[dim]{r['model']} on {r['dataset']}[/dim]", ", ".join(counts), best)
+    return table
+
+
+def serve_dashboard(url: str | None, host: str, port: int, results_dir: Path,
+                    echo: Callable[[str], None] = print) -> None:
+    """optuna-dashboard on the same storage and artifact store `harness tune` writes to."""
+    from optuna_dashboard import run_server
+
+    storage = open_storage(url)
+    store = artifact_store(results_dir)
+    echo(f"optuna-dashboard: http://{host}:{port}/dashboard/  (storage {safe_url(url)}, "
+         f"artifacts {results_dir / 'artifacts'}; Ctrl-C to stop)")
+    try:
+        run_server(storage, host=host, port=port, artifact_store=store)
+    except OSError as e:
+        raise HarnessError(f"--host {host} --port {port}: cannot serve there ({e.strerror or e})") from None

@@ -1,0 +1,267 @@
+"""Study files (parse, check, suggest), storage URLs, resume checks and dead-worker detection.
+No training here: every test is milliseconds."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from harness.errors import HarnessError
+from harness.runs import RunSpec
+from harness.studies import (TuneJob, load_study_file, open_storage, process_alive, study_file_for, suggest,
+                             this_worker, trial_spec)
+from harness.tune import open_study, recover_dead_workers
+
+REPO = Path(__file__).resolve().parents[1]
+ICR_ONLY = {"p_mask", "tau", "cl_weight"}
+
+SMALL = """
+model = "sasrec"
+trials = 3
+[fixed]
+hidden = 16
+[space]
+layers = { type = "int", low = 1, high = 2 }
+lr = { type = "float", low = 1e-4, high = 1e-2, log = true }
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_igr_sr_study_file_is_the_papers_space():
+    sf = load_study_file(REPO / "studies" / "igr-sr.toml")
+    assert study_file_for("igr-sr").resolve() == (REPO / "studies" / "igr-sr.toml").resolve()
+    space = {p.name: p for p in sf.space}
+    assert list(space) == ["d_l", "k", "m", "use_icr", "p_mask", "tau", "cl_weight", "lr"]
+    assert space["d_l"].choices == (8, 16, 32)
+    assert (space["k"].type, space["k"].low, space["k"].high) == ("int", 2, 32)
+    assert (space["m"].low, space["m"].high) == (1, 5)
+    assert (space["p_mask"].low, space["p_mask"].high, space["p_mask"].log) == (0.1, 0.8, False)
+    assert (space["tau"].low, space["tau"].high, space["tau"].log) == (0.05, 1.0, True)
+    assert (space["lr"].low, space["lr"].high, space["lr"].log) == (1e-4, 1e-2, True)
+    assert (space["cl_weight"].low, space["cl_weight"].high, space["cl_weight"].log) == (0.01, 1.0, True)
+    assert space["use_icr"].choices == (True, False)
+    assert all(space[n].when == {"use_icr": True} for n in ICR_ONLY)
+    assert (sf.metric, sf.direction, sf.sampler[0], sf.pruner[0]) == ("valid_ndcg@10", "maximize", "tpe", "hyperband")
+    assert sf.enqueue == ({"d_l": 32, "k": 8, "m": 3, "use_icr": True, "p_mask": 0.2, "tau": 0.2,
+                           "cl_weight": 0.1, "lr": 1e-3},)
+    assert load_study_file(REPO / "studies" / "sasrec.toml").model == "sasrec"
+
+
+def test_suggest_on_fixed_trials_drops_conditional_params():
+    sf = load_study_file(REPO / "studies" / "igr-sr.toml")
+    base = {"d_l": 16, "k": 4, "m": 2, "lr": 3e-3}
+    off = suggest(optuna.trial.FixedTrial({**base, "use_icr": False}), sf)
+    assert off == {**base, "use_icr": False}
+    on = suggest(optuna.trial.FixedTrial({**base, "use_icr": True, "p_mask": 0.3, "tau": 0.5, "cl_weight": 0.2}), sf)
+    assert set(on) == set(base) | {"use_icr"} | ICR_ONLY
+    # lr is a trainer setting, everything else a model parameter
+    spec = trial_spec(TuneJob(study_file=sf, dataset="synthetic", base=RunSpec(model="x", dataset="y")), on)
+    assert spec.train.lr == 3e-3 and "lr" not in spec.params
+    assert spec.params == {"hidden": 64, "d_l": 16, "k": 4, "m": 2, "use_icr": True, "p_mask": 0.3, "tau": 0.5,
+                           "cl_weight": 0.2}
+    assert spec.model == "igr-sr" and spec.dataset == "synthetic"
+
+
+def test_suggest_on_real_trials_stays_inside_the_space():
+    sf = load_study_file(REPO / "studies" / "igr-sr.toml")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_off = seen_on = False
+    for _ in range(40):
+        trial = study.ask()
+        params = suggest(trial, sf)
+        for p in sf.space:
+            if p.name in params:
+                assert p.contains(params[p.name]), (p, params[p.name])
+        assert (ICR_ONLY <= set(params)) == params["use_icr"]
+        assert not (ICR_ONLY & set(params)) or params["use_icr"]
+        seen_on, seen_off = seen_on or params["use_icr"], seen_off or not params["use_icr"]
+        study.tell(trial, 0.0)
+    assert seen_on and seen_off
+
+
+K = '[space]\nk = { type = "int", low = 2, high = 32 }\n'  # a valid space to append errors to
+BAD = [  # (text after `model = "igr-sr"`, the key the message names, what it says)
+    ('color = "red"\n' + K, "color", "unknown key"),
+    ('[space.k]\ntype = "int"\nlow = 2\nhigh = 8\nbogus = 1\n', "space.k.bogus", "unknown key"),
+    ('[space]\nk = { type = "int", low = 9, high = 2 }\n', "space.k", "low (9) > high (2)"),
+    ('[space]\nk = { type = "integer", low = 1, high = 2 }\n', "space.k.type", '"int", "float" or "categorical"'),
+    ('[space]\nk = { type = "int", low = "1", high = 2 }\n', "space.k.low", "expected an integer"),
+    ('[space]\nk = { type = "int", low = 1.5, high = 2 }\n', "space.k.low", "expected an integer"),
+    ('[space]\ntau = { type = "float", low = 0.0, high = 1.0, log = true }\n', "space.tau.low", "log range"),
+    ('[space]\nd_l = { type = "categorical", choices = [] }\n', "space.d_l.choices", "non-empty"),
+    ('[space]\nd_l = { type = "categorical", choices = [8, "wide"] }\n', "space.d_l.choices", "expected an integer"),
+    ('[space]\nk = { type = "float", low = 1, high = 2 }\n', "space.k", 'takes an integer; use type = "int"'),
+    ('[space]\nwidth = { type = "int", low = 1, high = 2 }\n', "space.width", "not a parameter of igr-sr"),
+    ('[space]\nmax_len = { type = "int", low = 10, high = 50 }\n', "space.max_len", "--max-len"),
+    (K + '[fixed]\nhidden = "big"\n', "fixed.hidden", "expected an integer"),
+    (K + '[fixed]\nk = 8\n', "space.k", "also in [fixed]"),
+    ('[space]\ntau = { type = "float", low = 0.1, high = 1.0, when = { use_icr = true } }\n'
+     'use_icr = { type = "categorical", choices = [true, false] }\n', "space.tau.when.use_icr", "must come before"),
+    ('[space]\nuse_icr = { type = "categorical", choices = [true] }\n'
+     'tau = { type = "float", low = 0.1, high = 1.0, when = { use_icr = false } }\n', "space.tau.when.use_icr",
+     "never suggested"),
+    ('[space]\ntau = { type = "float", low = 0.1, high = 1.0, when = { colour = 1 } }\n', "space.tau.when.colour",
+     "not a parameter"),
+    (K + '[[enqueue]]\nk = 99\n', "enqueue[0].k", "outside int [2, 32]"),
+    (K + '[[enqueue]]\nwidth = 3\n', "enqueue[0].width", "not in [space]"),
+    ('pruner = { name = "median", patience = 3 }\n' + K, "pruner.patience", "not an argument"),
+    ('pruner = "asha"\n' + K, "pruner", "hyperband, median, none"),
+    ('sampler = { name = "tpe", warmup = 3 }\n' + K, "sampler.warmup", "not an argument of the tpe sampler"),
+    ('trials = "many"\n' + K, "trials", "expected an integer"),
+    ('metric = "test_ndcg@10"\n' + K, "metric", "valid_ndcg@10"),
+]
+
+
+@pytest.mark.parametrize("snippet, key, message", BAD, ids=[b[1] for b in BAD])
+def test_bad_study_files_name_the_file_and_key(tmp_path, snippet, key, message):
+    path = write(tmp_path, 'model = "igr-sr"\n' + snippet)
+    with pytest.raises(HarnessError) as e:
+        load_study_file(path)
+    text = str(e.value)
+    assert text.startswith(f"{path}: {key}") and message in text, text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ('model = "transformer"\n[space]\nk = { type = "int", low = 1, high = 2 }\n', "model", "unknown model"),
+    ('[space]\nk = { type = "int", low = 1, high = 2 }\n', "model", "missing"),
+    ('model = "igr-sr/wo-icr"\n[space]\nuse_icr = { type = "categorical", choices = [true, false] }\n',
+     "space.use_icr", "igr-sr/wo-icr fixes use_icr"),
+    ('model = "igr-sr"\n[space\n', "", "not valid TOML"),
+    ('model = "igr-sr"\n', "space", "missing or empty"),
+])
+def test_bad_model_and_syntax(tmp_path, text, key, message):
+    path = write(tmp_path, text)
+    with pytest.raises(HarnessError, match=message) as e:
+        load_study_file(path)
+    assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_missing_study_file_and_param_clash(tmp_path):
+    with pytest.raises(HarnessError, match="does not exist"):
+        load_study_file(tmp_path / "nope.toml")
+    with pytest.raises(HarnessError, match="no study file for model 'gru4rec'"):
+        study_file_for("gru4rec")
+    path = write(tmp_path, SMALL)
+    assert load_study_file(path, {"inner": "32"}).fixed == {"hidden": 16, "inner": 32}
+    with pytest.raises(HarnessError, match="--param layers: .* searches layers"):
+        load_study_file(path, {"layers": "1"})
+    with pytest.raises(HarnessError, match="--param width"):
+        load_study_file(path, {"width": "1"})
+
+
+def test_storage_urls(tmp_path):
+    journal = open_storage(str(tmp_path / "sub" / "x.journal"))
+    assert isinstance(journal, optuna.storages.JournalStorage) and (tmp_path / "sub" / "x.journal").is_file()
+    with pytest.raises(HarnessError, match="unsupported scheme 'redis'"):
+        open_storage("redis://localhost:6379")
+    with pytest.raises(HarnessError, match=r"--storage postgres://u:\*\*\*@h/db: unsupported scheme 'postgres'"):
+        open_storage("postgres://u:secret@h/db")
+    with pytest.raises(HarnessError, match="--storage sqlite:////nonexistent-dir/x.db: cannot open"):
+        open_storage("sqlite:////nonexistent-dir/x.db")
+
+
+def test_unreachable_postgres_is_one_line(tmp_path):
+    pytest.importorskip("psycopg2")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(HarnessError) as e:
+        open_storage(f"postgresql+psycopg2://harness@127.0.0.1:{port}/optuna")
+    text = str(e.value)
+    assert f"--storage postgresql+psycopg2://harness@127.0.0.1:{port}/optuna: cannot open" in text
+    assert "\n" not in text and "refused" in text.lower()
+    # plain postgresql:// (SQLAlchemy 2.1 would pick psycopg 3) uses the installed driver
+    with pytest.raises(HarnessError) as e:
+        open_storage(f"postgresql://harness:secret@127.0.0.1:{port}/optuna")
+    assert str(e.value).startswith(f"--storage postgresql://harness:***@127.0.0.1:{port}/optuna: cannot open (")
+    assert "secret" not in str(e.value)
+
+
+def _job(path: Path, tmp_path: Path, **kw) -> TuneJob:
+    return TuneJob(study_file=load_study_file(path), dataset="synthetic", base=RunSpec(model="sasrec", dataset="synthetic"),
+                   storage_url=str(tmp_path / "s.journal"), **kw)
+
+
+def test_changed_search_space_is_refused_unless_new_study(tmp_path):
+    path = write(tmp_path, SMALL)
+    storage = open_storage(str(tmp_path / "s.journal"))
+    study, note = open_study(_job(path, tmp_path), storage)
+    assert study.study_name == "sasrec-synthetic" and note.startswith("created study 'sasrec-synthetic'")
+    study.enqueue_trial({"layers": 1, "lr": 1e-3})
+    again, note = open_study(_job(path, tmp_path), storage)
+    assert again.study_name == "sasrec-synthetic" and note.startswith("resuming study") and "1 waiting" in note
+
+    path.write_text(SMALL.replace("high = 2", "high = 3"))
+    with pytest.raises(HarnessError) as e:
+        open_study(_job(path, tmp_path), storage)
+    text = str(e.value)
+    assert "different definition" in text and "space.layers: int [1, 2] stored, int [1, 3]" in text
+    assert "--new-study" in text and "\n" not in text
+
+    fresh, note = open_study(_job(path, tmp_path, new_study=True), storage)
+    assert fresh.study_name == "sasrec-synthetic-2" and "'sasrec-synthetic' is kept" in note
+    names = optuna.study.get_all_study_names(storage)
+    assert sorted(names) == ["sasrec-synthetic", "sasrec-synthetic-2"]
+    assert len(optuna.load_study(study_name="sasrec-synthetic", storage=storage).trials) == 1
+    # a different dataset or fixed value is a different definition too
+    path.write_text(SMALL.replace("hidden = 16", "hidden = 32"))
+    with pytest.raises(HarnessError, match="fixed.hidden: 16 stored, 32"):
+        open_study(_job(path, tmp_path, study_name="sasrec-synthetic"), storage)
+
+
+def test_process_alive_tells_dead_and_zombie_workers():
+    me = this_worker()
+    assert me["pid"] == os.getpid() and process_alive(me["pid"], me["start"])
+    assert not process_alive(me["pid"], "1")  # same pid, another process (pid reuse)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from harness.studies import _process_start
+
+        start = _process_start(child.pid)
+        assert process_alive(child.pid, start)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.time() + 5
+        while process_alive(child.pid, start) and time.time() < deadline:  # a zombie until reaped
+            time.sleep(0.01)
+        assert not process_alive(child.pid, start)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid, start)
+
+
+def test_dead_workers_trial_is_failed_and_enqueued_again(tmp_path):
+    path = write(tmp_path, SMALL)
+    storage = open_storage(str(tmp_path / "s.journal"))
+    study, _ = open_study(_job(path, tmp_path), storage)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that is gone
+    dead = study.ask({"layers": optuna.distributions.IntDistribution(1, 2)})
+    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": child.pid, "start": None})
+    alive = study.ask({"layers": optuna.distributions.IntDistribution(1, 2)})
+    alive.set_user_attr("worker", this_worker())
+    elsewhere = study.ask()
+    elsewhere.set_user_attr("worker", {"host": "another-machine", "pid": child.pid, "start": None})
+    assert recover_dead_workers(study) == [dead.number]
+    assert recover_dead_workers(study) == []  # once only
+    trials = study.get_trials()
+    assert trials[dead.number].state == optuna.trial.TrialState.FAIL
+    assert trials[dead.number].user_attrs["fail_reason"].startswith(f"worker died (pid {child.pid}")
+    assert trials[alive.number].state == trials[elsewhere.number].state == optuna.trial.TrialState.RUNNING
+    retry = trials[-1]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == trials[dead.number].params
+    assert retry.system_attrs["failed_trial"] == dead.number  # as RetryHeartbeatStaleTrialCallback does
+    assert "worker" not in retry.user_attrs
