@@ -6,3 +6,10 @@ from models.sasrec import SASRec, SASRecConfig
 
 __all__ = ["SequentialRecommender", "SASRec", "SASRecConfig", "IGRSR", "IGRSRConfig",
            "LatentIntentDistiller", "ModelSpec", "get", "names", "register"]
+
+from models.bert4rec import BERT4Rec, BERT4RecConfig  # noqa: E402
+from models.gru4rec import GRU4Rec, GRU4RecConfig  # noqa: E402
+from models.rearec import ReaRec, ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig  # noqa: E402
+
+__all__ += ["GRU4Rec", "GRU4RecConfig", "BERT4Rec", "BERT4RecConfig", "ReaRec", "ReaRecERL",
+            "ReaRecERLConfig", "ReaRecPRL", "ReaRecPRLConfig"]

@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 from torch import nn
 
+from models.bert4rec import BERT4Rec, BERT4RecConfig
+from models.gru4rec import GRU4Rec, GRU4RecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
+from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
 from models.sasrec import SASRec, SASRecConfig
 
 
@@ -75,3 +78,11 @@ register(ModelSpec("igr-sr/concat", IGRSRConfig, _igr_sr, fixed={"fusion": "conc
                    description="ablation: intents concatenated to the sequence, no cross-attention"))
 register(ModelSpec("igr-sr/wo-icr", IGRSRConfig, _igr_sr, fixed={"use_icr": False}, requires=("lid",),
                    description="ablation: no Intent Consistency Regularization"))
+register(ModelSpec("gru4rec", GRU4RecConfig, lambda cfg, n_items: GRU4Rec(cfg, n_items),
+                   description="GRU4Rec, full-softmax CE (RecBole-equivalent)"))
+register(ModelSpec("bert4rec", BERT4RecConfig, lambda cfg, n_items: BERT4Rec(cfg, n_items),
+                   description="BERT4Rec: bidirectional transformer, cloze objective (RecBole-style)"))
+register(ModelSpec("rearec-erl", ReaRecERLConfig, lambda cfg, n_items: ReaRecERL(cfg, n_items),
+                   description="ReaRec-ERL: SASRec + K reasoning steps, ensemble of steps + KL diversity"))
+register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL(cfg, n_items),
+                   description="ReaRec-PRL: SASRec + K reasoning steps, progressive temperatures + noisy InfoNCE"))

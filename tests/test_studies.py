@@ -152,8 +152,8 @@ def test_bad_model_and_syntax(tmp_path, text, key, message):
 def test_missing_study_file_and_param_clash(tmp_path):
     with pytest.raises(HarnessError, match="does not exist"):
         load_study_file(tmp_path / "nope.toml")
-    with pytest.raises(HarnessError, match="no study file for model 'gru4rec'"):
-        study_file_for("gru4rec")
+    with pytest.raises(HarnessError, match="no study file for model 'igr-sr/wo-lid'"):
+        study_file_for("igr-sr/wo-lid")
     path = write(tmp_path, SMALL)
     assert load_study_file(path, {"inner": "32"}).fixed == {"hidden": 16, "inner": 32}
     with pytest.raises(HarnessError, match="--param layers: .* searches layers"):

@@ -1,0 +1,158 @@
+"""BERT4Rec: a bidirectional transformer trained with the cloze (masked item) objective.
+
+Followed RecBole (`recbole/model/sequential_recommender/bert4rec.py`, `BERT4Rec.yaml`, and the
+masking in `recbole/data/transform.py` MaskItemSequence) and the paper (Sun et al., CIKM 2019):
+- Post-LN transformer blocks as RecBole's TransformerEncoder (attention -> dropout -> residual
+  -> LayerNorm; GELU FFN -> dropout -> residual -> LayerNorm), bidirectional attention that
+  never attends to padding; item + position embeddings -> LayerNorm -> dropout; N(0, 0.02)
+  init; RecBole's defaults: hidden 64, inner 256, 2 layers x 2 heads, dropout 0.2 / 0.2,
+  eps 1e-12, mask_ratio 0.2, ft_ratio 0.5.
+- A mask token with its own embedding row, id n_items + 1 (items are 1..n_items, 0 pads).
+- Output: the paper's projection (and the authors' TF code / recent RecBole): dense -> GELU ->
+  LayerNorm, then dot products with the (tied) item embeddings plus a per-item output bias;
+  full softmax over the item ids 0..n_items (never the mask token; column 0 is padding, kept
+  in the softmax as SASRec here and RecBole do, and never ranked).
+- Loss only at masked positions (CE averaged over the batch's masked positions).
+- RecBole's `ft_ratio`: with probability 0.5 a whole batch masks only each row's last item
+  (the fine-tuning sample, the same task as evaluation), else every real position is masked
+  independently with probability `mask_ratio`. Padding is never masked.
+- Evaluation: the mask token is appended right after the history and its output scores the
+  items. When the history already fills `max_len` positions, the oldest item is dropped so the
+  mask token still fits the position table.
+
+Which rows it trains on (layout "prefix"): RecBole does not train BERT4Rec on one row per
+user: its SequentialDataset augments every sequential model's data into all prefixes, and
+MaskItemSequence masks each prefix's history. DESIGN §4 fixes the same protocol for every model
+("training samples are all prefixes"), so here each training row is one prefix sample of the
+"prefix" layout: its history plus its own next item (a training item; the validation and test
+targets are never in a training row), cut to the most recent `max_len` items. Cloze masking
+runs on that sequence; the fine-tuning branch masks its last item, i.e. predicts the row's
+target from its history, which is exactly the evaluation task. Differences from RecBole, on
+purpose: RecBole masks inside the history only (the sample's target is unused, so each user's
+last training item is never predicted), here the target is part of the sequence; RecBole keeps
+at most int(mask_ratio * max_len) masked labels per row, here every masked position has a
+label. The "sequence" layout (one row per user) would be the original paper's per-user
+sequences, but its batches count prefixes as samples, and the masked positions per step would
+then be ~mask_ratio times fewer than any other model's targets per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import FeedForward, SelfAttention, SequentialRecommender, init_weights
+
+
+@dataclass
+class BERT4RecConfig:
+    hidden: int = 64
+    inner: int = 256
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    attn_dropout: float = 0.2
+    mask_ratio: float = 0.2
+    ft_ratio: float = 0.5  # probability that a batch masks only each row's last item
+    max_len: int = 50
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+
+
+class BidirectionalAttention(SelfAttention):
+    """Multi-head self-attention over all real positions of a row (keys at padding masked)."""
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(B, L, d))
+
+
+class BidirectionalBlock(nn.Module):
+    def __init__(self, cfg: BERT4RecConfig):
+        super().__init__()
+        self.attn = BidirectionalAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
+        self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.hidden, cfg.inner)
+        self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.drop(self.attn(x, key_mask)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+def append_token(items: torch.Tensor, lengths: torch.Tensor, token: torch.Tensor,
+                 max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put `token` (B,) right after each row's last item, dropping the row's oldest item when
+    it would not fit in `max_len` positions. Returns right-padded (B, L') items and lengths."""
+    B, L = items.shape
+    new_len = torch.clamp(lengths + 1, max=max_len)
+    width = min(L + 1, max_len)
+    extended = torch.cat([items, torch.zeros_like(items[:, :1])], dim=1)
+    extended[torch.arange(B, device=items.device), lengths] = token
+    src = (lengths + 1 - new_len)[:, None] + torch.arange(width, device=items.device)[None]
+    out = extended.gather(1, src.clamp(max=L))
+    out = out.masked_fill(torch.arange(width, device=items.device)[None] >= new_len[:, None], 0)
+    return out, new_len
+
+
+class BERT4Rec(SequentialRecommender):
+    layout = "prefix"
+
+    def __init__(self, cfg: BERT4RecConfig, n_items: int):
+        super().__init__()
+        self.cfg, self.n_items = cfg, n_items
+        self.mask_token = n_items + 1
+        self.item_emb = nn.Embedding(n_items + 2, cfg.hidden, padding_idx=0)  # + the mask token
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(BidirectionalBlock(cfg) for _ in range(cfg.layers))
+        self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+                                  nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps))
+        self.out_bias = nn.Parameter(torch.zeros(n_items + 1))
+        self.apply(lambda m: init_weights(m, cfg.init_std))
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) states of a right-padded row of item ids (mask tokens included)."""
+        pos = torch.arange(items.shape[1], device=items.device)
+        x = self.emb_drop(self.emb_ln(self.item_emb(items) + self.pos_emb(pos)[None]))
+        key_mask = items > 0
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores of item ids 0..n_items (never the mask token) for states h (..., d)."""
+        return self.head(h) @ self.item_emb.weight[: self.n_items + 1].T + self.out_bias
+
+    def mask(self, seq: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cloze masking of right-padded rows: (masked input, labels with 0 where no loss)."""
+        real = seq > 0
+        if torch.rand(()) < self.cfg.ft_ratio:
+            chosen = torch.zeros_like(real)
+            chosen[torch.arange(seq.shape[0], device=seq.device), lengths - 1] = True
+        else:
+            chosen = real & (torch.rand(seq.shape, device=seq.device) < self.cfg.mask_ratio)
+        return seq.masked_fill(chosen, self.mask_token), torch.where(chosen, seq, 0)
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        # the row's full sample: history + its own next item (a training item)
+        seq, lengths = append_token(batch.items, batch.lengths, batch.target, self.cfg.max_len)
+        masked, labels = self.mask(seq, lengths)
+        h = self.encode(masked)
+        chosen = labels > 0
+        if not chosen.any():  # no position drew a mask (tiny batches only): nothing to learn
+            return {"loss": h.sum() * 0.0}
+        return {"loss": F.cross_entropy(self.logits(h[chosen]), labels[chosen])}
+
+    def scores(self, batch) -> torch.Tensor:
+        token = torch.full_like(batch.lengths, self.mask_token)
+        seq, lengths = append_token(batch.items, batch.lengths, token, self.cfg.max_len)
+        h = self.encode(seq)
+        return self.logits(h[torch.arange(h.shape[0], device=h.device), lengths - 1])
