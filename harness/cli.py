@@ -388,3 +388,133 @@ def dashboard(ctx: click.Context, storage: str | None, host: str, port: int) -> 
     from harness.tune import serve_dashboard
 
     serve_dashboard(storage, host, port, ctx.obj["results_dir"], echo=click.echo)
+
+
+# ---- experiments: ablate / compare / robustness / sensitivity, and report ------------------
+
+def _experiment(ctx: click.Context, kind: str, datasets: str, models_: str, seeds: int, params: str,
+                storage: str | None, kw: dict, **extra) -> None:
+    from harness.experiments import experiment
+
+    base = run_spec(ctx, "sasrec", datasets.split(",")[0], (), kw)
+    name, made = experiment(kind, [d for d in datasets.split(",") if d], [m for m in models_.split(",") if m],
+                            seeds, params, base, storage, ctx.obj["results_dir"], echo=click.echo, **extra)
+    for _, tex, table in made:
+        _console().print(table)
+        click.echo(f"LaTeX: {tex}  (CSV and figures beside it)")
+    click.echo(f"study {name!r} in {storage or 'studies/optuna.journal'}; `harness report` rebuilds every table")
+
+
+_SEEDS = click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
+                      help="Seeds per cell (2020, 2021, ...).")
+_PARAMS = click.option("--params", "params_source", default="best", show_default=True,
+                       help="best (the dataset's tune study, else the paper's defaults), paper, or a TOML/JSON file.")
+_STORAGE = click.option("--storage", envvar="HARNESS_STORAGE", default=None,
+                        help="Study storage (default studies/optuna.journal).")
+
+
+@cli.command()
+@click.option("--dataset", required=True)
+@click.option("--variants", default=",".join(("igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr")),
+              show_default=True)
+@_SEEDS
+@_PARAMS
+@_STORAGE
+@trainer_options
+@click.pass_context
+def ablate(ctx: click.Context, dataset: str, variants: str, seeds: int, params_source: str, storage, **kw) -> None:
+    """Figure 2: IGR-SR and its ablation variants over seeds (resumable).
+
+    \b
+    Example:
+      harness ablate --dataset toys --data-dir ../shared/data --seeds 2 --epochs 30
+    """
+    _experiment(ctx, "ablate", dataset, variants, seeds, params_source, storage, kw)
+
+
+@cli.command()
+@click.option("--dataset", required=True, help="One or more, comma-separated.")
+@click.option("--models", "models_", default="sasrec,igr-sr", show_default=True)
+@_SEEDS
+@_PARAMS
+@_STORAGE
+@trainer_options
+@click.pass_context
+def compare(ctx: click.Context, dataset: str, models_: str, seeds: int, params_source: str, storage, **kw) -> None:
+    """Table 2: every listed model over seeds, with paired t-tests (resumable).
+
+    \b
+    Example:
+      harness compare --dataset toys,instrument --models sasrec,igr-sr --seeds 5
+    """
+    _experiment(ctx, "compare", dataset, models_, seeds, params_source, storage, kw)
+
+
+@cli.command()
+@click.option("--dataset", required=True)
+@click.option("--noise", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
+@click.option("--models", "models_", default="sasrec,igr-sr", show_default=True)
+@_SEEDS
+@_PARAMS
+@_STORAGE
+@trainer_options
+@click.pass_context
+def robustness(ctx: click.Context, dataset: str, noise: float, models_: str, seeds: int, params_source: str,
+               storage, **kw) -> None:
+    """Table 3: clean vs noisy training data, Recall@10 and its relative drop (resumable).
+
+    \b
+    Example:
+      harness robustness --dataset toys --noise 0.2 --models sasrec,igr-sr --seeds 1
+    """
+    _experiment(ctx, "robustness", dataset, models_, seeds, params_source, storage, kw, noise=noise)
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
+
+
+@cli.command()
+@click.option("--dataset", required=True)
+@click.option("--k", "ks", default="2,4,8,16,32", show_default=True, help="Prefix token counts.")
+@click.option("--m", "ms", default="1,2,3,4,5", show_default=True, help="Intent token counts.")
+@_SEEDS
+@_PARAMS
+@_STORAGE
+@trainer_options
+@click.pass_context
+def sensitivity(ctx: click.Context, dataset: str, ks: str, ms: str, seeds: int, params_source: str,
+                storage, **kw) -> None:
+    """Figure 3: IGR-SR over a grid of prefix (k) and intent (m) token counts (resumable).
+
+    \b
+    Example:
+      harness sensitivity --dataset toys --k 2,8,32 --m 1,3,5 --seeds 1
+    """
+    _experiment(ctx, "sensitivity", dataset, "igr-sr", seeds, params_source, storage, kw,
+                ks=_ints(ks, "--k"), ms=_ints(ms, "--m"))
+
+
+@cli.command()
+@_STORAGE
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default <results-dir>/report.")
+@click.pass_context
+def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
+    """Write every experiment's LaTeX table, CSV and figures from the stored runs (no retraining).
+
+    \b
+    Example:
+      harness report --out results/report
+    """
+    from harness.report import build_report
+
+    target = Path(out) if out else ctx.obj["results_dir"] / "report"
+    made = build_report(storage, ctx.obj["results_dir"], target)
+    for _, tex, table in made:
+        _console().print(table)
+        click.echo(f"LaTeX: {tex}")
+    click.echo(f"{len(made)} experiment(s) reported under {target}" if made else
+               "no experiment studies stored yet: run harness ablate / compare / robustness / sensitivity")

@@ -76,10 +76,12 @@ class Table:
     caption: str = ""
     label: str = ""
     decimals: int = 4
-    highlight: str = "row"  # bold/underline per "row" or per "column"
+    highlight: str = "row"  # bold/underline per "row", per "column" or over "all" cells
 
     def marks(self) -> dict:
         out = {}
+        if self.highlight == "all":
+            return rank_marks(self.mean.stack(), self.decimals)
         if self.highlight == "row":
             for idx, row in self.mean.iterrows():
                 out.update({(idx, c): m for c, m in rank_marks(row, self.decimals).items()})
@@ -201,3 +203,154 @@ def _save(fig, path: Path) -> list[Path]:
     fig.savefig(out[1], dpi=150)
     plt.close(fig)
     return out
+
+
+# ------------------------------------------------------------------------------ from the storage
+
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+SHOWN = {"recall@10": "Recall@10", "recall@20": "Recall@20", "ndcg@10": "NDCG@10", "ndcg@20": "NDCG@20"}
+
+
+def load_test_ranks(store, artifact_id: str) -> np.ndarray:
+    import io
+
+    with store.open_reader(artifact_id) as reader:
+        return np.load(io.BytesIO(reader.read()))["test_ranks"]
+
+
+def runs_frame(trials) -> pd.DataFrame:
+    """One row per finished cell: what it was and its test metrics."""
+    from harness.experiments import LABELS
+
+    rows = []
+    for t in trials:
+        c = t.user_attrs["cell_info"]
+        p = c["params"]
+        rows.append({"model": c["model"], "label": LABELS.get(c["model"], c["model"]), "dataset": c["dataset"],
+                     "seed": c["seed"], "noise": c["noise"], "k": p.get("k"), "m": p.get("m"),
+                     "ranks": t.user_attrs.get("artifact_ranks"),
+                     **{m: t.user_attrs["test"][m] for m in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool) -> Table:
+    """Rows (dataset, metric), columns models/variants; mean (+- std) over seeds; `*` on IGR-SR
+    where its gain over the best other column is significant (paired, seeds pooled)."""
+    labels = list(dict.fromkeys(runs["label"]))
+    index = pd.MultiIndex.from_tuples([(d, SHOWN[m]) for d in dict.fromkeys(runs["dataset"]) for m in METRICS],
+                                      names=["Dataset", "Metric"])
+    mean = pd.DataFrame(index=index, columns=labels, dtype=float)
+    std = mean.copy()
+    stars = pd.DataFrame(False, index=index, columns=labels)
+    seeds = int(runs.groupby(["dataset", "label"])["seed"].nunique().max())
+    for dataset, group in runs.groupby("dataset", sort=False):
+        common = sorted(set.intersection(*(set(g["seed"]) for _, g in group.groupby("label"))))
+        pooled = {label: np.concatenate([load_test_ranks(store, g.loc[g["seed"] == s, "ranks"].iloc[0])
+                                         for s in common]) for label, g in group.groupby("label")} if common else {}
+        for metric in METRICS:
+            for label, g in group.groupby("label"):
+                mean.loc[(dataset, SHOWN[metric]), label] = g[metric].mean()
+                std.loc[(dataset, SHOWN[metric]), label] = g[metric].std(ddof=1) if len(g) > 1 else np.nan
+            proposed = LABELS_PROPOSED.intersection(pooled)
+            if proposed:
+                name = next(iter(proposed))
+                others = {lbl: per_user_metric(r, metric) for lbl, r in pooled.items() if lbl != name}
+                stars.loc[(dataset, SHOWN[metric]), name] = significant_gain(per_user_metric(pooled[name], metric),
+                                                                             others)
+    title = "Ablation of IGR-SR" if kind == "ablate" else "Overall performance"
+    return Table(mean=mean, std=std if seeds > 1 else None, stars=stars,
+                 caption=f"{title} (test set). " + protocol_caption(seeds=seeds, mask_history=mask_history),
+                 label=f"tab:{kind}")
+
+
+LABELS_PROPOSED = {"IGR-SR"}
+
+
+def robustness_latex(runs: pd.DataFrame, mask_history: bool) -> tuple[str, pd.DataFrame]:
+    """Table 3: clean vs noisy Recall@10 and the relative drop, per dataset and model."""
+    rows = []
+    for (dataset, label), g in runs.groupby(["dataset", "label"], sort=False):
+        clean = g.loc[g["noise"] == 0, "recall@10"].mean()
+        noisy_rates = sorted(r for r in g["noise"].unique() if r > 0)
+        for rate in noisy_rates:
+            noisy = g.loc[g["noise"] == rate, "recall@10"].mean()
+            rows.append({"dataset": dataset, "model": label, "noise": rate, "clean": clean, "noisy": noisy,
+                         "drop_pct": 100 * (clean - noisy) / clean if clean else np.nan})
+    frame = pd.DataFrame(rows)
+    seeds = int(runs.groupby(["dataset", "label", "noise"])["seed"].nunique().max()) if len(runs) else 0
+    lines = [r"\begin{table}[t]", r"\centering",
+             rf"\caption{{Robustness: Recall@10 on clean and noisy training data (relative drop). "
+             rf"{protocol_caption(seeds=seeds, mask_history=mask_history).split(' Best in bold')[0]} "
+             r"Noise: that fraction of training items replaced by random items; validation and test "
+             r"targets untouched.}", r"\label{tab:robustness}", r"\begin{tabular}{llcc}", r"\toprule",
+             r"Dataset & Method & Clean & Noisy \\", r"\midrule"]
+    for _, r in frame.iterrows():
+        lines.append(rf"{latex_escape(str(r['dataset']))} & {latex_escape(str(r['model']))} & {r['clean']:.4f} & "
+                     rf"{r['noisy']:.4f} ($\downarrow${r['drop_pct']:.1f}\%, +{100 * r['noise']:.0f}\% noise) \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n", frame
+
+
+def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[tuple[str, Path, object]]:
+    """Every experiment study in the storage -> .tex + .csv (+ figures) under `out`.
+    Returns (study name, tex path, rich renderable) per experiment."""
+    import optuna
+
+    from harness.experiments import completed_cells, experiment_studies
+    from harness.studies import artifact_store, open_storage
+
+    storage = open_storage(storage_url)
+    store = artifact_store(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, exp in experiment_studies(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        runs = runs_frame(completed_cells(study))
+        if runs.empty:
+            continue
+        mask = bool(exp.get("train", {}).get("mask_history", False))
+        kind = exp["kind"]
+        base = out / name.replace("/", "_")
+        if kind in ("ablate", "compare"):
+            table = comparison_table(runs, store, kind, mask)
+            base.with_suffix(".tex").write_text(table.to_latex())
+            table.to_csv(base.with_suffix(".csv"))
+            if kind == "ablate":
+                first = runs["dataset"].iloc[0]
+                frame = table.mean.loc[first].T
+                if table.std is not None:
+                    frame = frame.join(table.std.loc[first].T.add_suffix(" std"))
+                ablation_figure(frame, base.with_name(base.name + "-figure"), f"Ablation of IGR-SR on {first}")
+            made.append((name, base.with_suffix(".tex"), rich_table(table.mean, name)))
+        elif kind == "robustness":
+            tex, frame = robustness_latex(runs, mask)
+            base.with_suffix(".tex").write_text(tex)
+            frame.to_csv(base.with_suffix(".csv"), index=False)
+            made.append((name, base.with_suffix(".tex"), rich_table(frame.set_index(["dataset", "model"]), name)))
+        elif kind == "sensitivity":
+            grid = runs.groupby(["k", "m"])["recall@10"].mean().unstack("m")
+            grid.to_csv(base.with_suffix(".csv"))
+            table = Table(mean=grid.rename(index=lambda k: f"k={k}", columns=lambda m: f"m={m}"),
+                          highlight="all", caption="Recall@10 (test) over prefix tokens k and intent tokens m. "
+                          + protocol_caption(seeds=int(runs.groupby(["k", "m"])["seed"].nunique().max()),
+                                             mask_history=mask).split(" Best in bold")[0], label="tab:sensitivity")
+            base.with_suffix(".tex").write_text(table.to_latex())
+            sensitivity_figure(grid, base.with_name(base.name + "-figure"))
+            made.append((name, base.with_suffix(".tex"), rich_table(grid, name)))
+    return made
+
+
+def rich_table(frame: pd.DataFrame, title: str):
+    from rich.table import Table as RichTable
+
+    t = RichTable(title=title)
+    names = [str(n or "") for n in (frame.index.names if frame.index.nlevels > 1 else [frame.index.name])]
+    for n in names:
+        t.add_column(n)
+    for c in frame.columns:
+        t.add_column(str(c), justify="right")
+    for idx, row in frame.iterrows():
+        keys = idx if isinstance(idx, tuple) else (idx,)
+        t.add_row(*[str(k) for k in keys], *[f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v)
+                                             for v in row])
+    return t

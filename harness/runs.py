@@ -33,6 +33,8 @@ class RunSpec:
     cache_dir: Path = Path.home() / ".cache" / "harness"
     lid_epochs: int = 200  # pre-training recipe of the LID encoder (its own early stopping)
     lid_patience: int = 10
+    noise: float = 0.0  # fraction of training items replaced at random (robustness experiment)
+    noise_seed: int = 0
 
 
 @dataclass
@@ -59,6 +61,11 @@ class RunRecord:
 
 def load_data(spec: RunSpec) -> LeaveOneOut:
     seqs = datasets.load(spec.dataset, spec.data_dir, spec.cache_dir)
+    if spec.noise > 0:
+        from harness.data.noise import noisy_file
+
+        seqs = datasets.load(str(noisy_file(seqs, spec.noise, spec.noise_seed, spec.cache_dir)),
+                             spec.data_dir, spec.cache_dir)
     return LeaveOneOut(seqs, max_len=spec.train.max_len)
 
 
@@ -147,7 +154,7 @@ def resume_path(spec: RunSpec, data: LeaveOneOut, model_cfg) -> Path:
     key = json.dumps({"model": spec.model, "data": data.data.content_hash, "config": dataclasses.asdict(model_cfg),
                       "train": {k: v for k, v in dataclasses.asdict(spec.train).items() if k != "eval_batch_size"},
                       "lid": [spec.lid_epochs, spec.lid_patience]}, sort_keys=True)
-    return spec.cache_dir / "resume" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    return spec.cache_dir / "resume" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"  # data hash covers noise
 
 
 def save_record(record: RunRecord, results_dir: Path) -> Path:

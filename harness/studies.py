@@ -577,7 +577,7 @@ def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
 
 
 def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
-    from harness.runs import run, save_record
+    from harness.runs import run
 
     cap = job.base.train.epochs
     trial.set_user_attr("worker", this_worker())
@@ -598,6 +598,15 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
             raise optuna.TrialPruned(reason)
 
     record = run(spec, on_epoch=on_epoch, progress=False)
+    store_record(trial, record, store)
+    return record.result["valid"]["ndcg@10"]
+
+
+def store_record(trial: optuna.Trial, record, store) -> None:
+    """A finished run's summary as user attrs, and its checkpoint, per-user ranks and full
+    record as artifacts, so that tables never need retraining."""
+    from harness.runs import save_record
+
     res = record.result
     for key, value in {"valid": res["valid"], "test": res["test"], "epochs": res["epochs_run"],
                        "best_epoch": res["best_epoch"], "stopped": res["stopped"], "data_hash": record.data_hash,
@@ -605,7 +614,6 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
                        "model_config": record.model_config, "train_config": record.train_config,
                        "lid_key": (record.lid or {}).get("key")}.items():
         trial.set_user_attr(key, value)
-    # the checkpoint, per-user ranks and full record as artifacts: tables need no retraining
     with tempfile.TemporaryDirectory() as tmp:
         path = save_record(record, Path(tmp))
         for suffix, name in ((".pt", "checkpoint"), (".npz", "ranks"), (".json", "record")):
@@ -613,7 +621,6 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
                 artifact_id = optuna.artifacts.upload_artifact(
                     artifact_store=store, file_path=str(path.with_suffix(suffix)), study_or_trial=trial)
             trial.set_user_attr(f"artifact_{name}", artifact_id)
-    return res["valid"]["ndcg@10"]
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
