@@ -41,8 +41,9 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head causal self-attention (fused qkv). Rows are right-padded, so with a causal
-    mask no real position ever attends to padding and no extra mask is needed."""
+    """Multi-head self-attention (fused qkv). Causal by default: rows are right-padded, so no
+    real position ever attends to padding and no extra mask is needed. Bidirectional models
+    pass causal=False and a key mask (True at real positions)."""
 
     def __init__(self, d: int, heads: int, attn_dropout: float):
         super().__init__()
@@ -52,11 +53,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -87,6 +89,26 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+class NextItemModel(SequentialRecommender):
+    """A causal encoder (`encode(items) -> (B, L, d)`) scored against the tied item embeddings:
+    full-softmax CE at every position that has a target, and the last position for ranking."""
+
+    layout = "sequence"
+    item_emb: nn.Embedding
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        h = self.encode(batch.items)
+        has_target = batch.targets > 0
+        logits = h[has_target] @ self.item_emb.weight.T
+        return {"loss": F.cross_entropy(logits, batch.targets[has_target])}
+
+    def scores(self, batch) -> torch.Tensor:
+        return last_position(self.encode(batch.items), batch.lengths) @ self.item_emb.weight.T
 
 
 def last_position(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

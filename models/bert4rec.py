@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import FeedForward, SelfAttention, SequentialRecommender, init_weights
+from models.base import SequentialRecommender, init_weights
+from models.sasrec import PostLNBlock
 
 
 @dataclass
@@ -59,31 +60,6 @@ class BERT4RecConfig:
     max_len: int = 50
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
-
-
-class BidirectionalAttention(SelfAttention):
-    """Multi-head self-attention over all real positions of a row (keys at padding masked)."""
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
-        return self.out(y.transpose(1, 2).reshape(B, L, d))
-
-
-class BidirectionalBlock(nn.Module):
-    def __init__(self, cfg: BERT4RecConfig):
-        super().__init__()
-        self.attn = BidirectionalAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
-        self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg.hidden, cfg.inner)
-        self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.drop(self.attn(x, key_mask)))
-        return self.ln2(x + self.drop(self.ffn(x)))
 
 
 def append_token(items: torch.Tensor, lengths: torch.Tensor, token: torch.Tensor,
@@ -112,7 +88,7 @@ class BERT4Rec(SequentialRecommender):
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.emb_drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(BidirectionalBlock(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
                                   nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps))
         self.out_bias = nn.Parameter(torch.zeros(n_items + 1))

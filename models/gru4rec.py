@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import SequentialRecommender, last_position
+from models.base import NextItemModel
 
 
 @dataclass
@@ -36,8 +35,7 @@ class GRU4RecConfig:
     max_len: int = 50  # not used by the GRU; kept so the harness can pass its history length
 
 
-class GRU4Rec(SequentialRecommender):
-    layout = "sequence"
+class GRU4Rec(NextItemModel):
 
     def __init__(self, cfg: GRU4RecConfig, n_items: int):
         super().__init__()
@@ -55,12 +53,3 @@ class GRU4Rec(SequentialRecommender):
         """(B, L, embedding): the prediction vector after every position."""
         h, _ = self.gru(self.emb_drop(self.item_emb(items)))
         return self.dense(h)
-
-    def loss(self, batch) -> dict[str, torch.Tensor]:
-        h = self.encode(batch.items)
-        has_target = batch.targets > 0
-        logits = h[has_target] @ self.item_emb.weight.T
-        return {"loss": F.cross_entropy(logits, batch.targets[has_target])}
-
-    def scores(self, batch) -> torch.Tensor:
-        return last_position(self.encode(batch.items), batch.lengths) @ self.item_emb.weight.T

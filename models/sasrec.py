@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import FeedForward, SelfAttention, SequentialRecommender, init_weights, last_position
+from models.base import FeedForward, NextItemModel, SelfAttention, init_weights
 
 
 @dataclass
@@ -40,13 +39,13 @@ class PostLNBlock(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln1(x + self.drop(self.attn(x)))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal, or bidirectional over the real positions when given a key mask (BERT4Rec)."""
+        x = self.ln1(x + self.drop(self.attn(x, causal=key_mask is None, key_mask=key_mask)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
-class SASRec(SequentialRecommender):
-    layout = "sequence"
+class SASRec(NextItemModel):
 
     def __init__(self, cfg: SASRecConfig, n_items: int):
         super().__init__()
@@ -72,12 +71,3 @@ class SASRec(SequentialRecommender):
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
         return self.encode_inputs(self.item_inputs(items))
-
-    def loss(self, batch) -> dict[str, torch.Tensor]:
-        h = self.encode(batch.items)
-        has_target = batch.targets > 0
-        logits = h[has_target] @ self.item_emb.weight.T
-        return {"loss": F.cross_entropy(logits, batch.targets[has_target])}
-
-    def scores(self, batch) -> torch.Tensor:
-        return last_position(self.encode(batch.items), batch.lengths) @ self.item_emb.weight.T
