@@ -10,7 +10,10 @@ phase (building batches, forward, backward, optimizer step) so a slow part is vi
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,7 +158,7 @@ def profile_ops(model, optimizer, batches, device: torch.device, step) -> list[t
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with _quiet_stderr(), profile(activities=activities) as prof:
         for batch in batches:
             loss = step(batch.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -167,6 +170,20 @@ def profile_ops(model, optimizer, batches, device: torch.device, step) -> list[t
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: -getattr(e, attr))
     return [(e.key, getattr(e, attr) / total) for e in events[:10]]
+
+
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints start/stop lines straight to fd 2: keep the report clean."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _output_width(model) -> int:
