@@ -139,12 +139,16 @@ class Table:
         frame.to_csv(path)
 
 
-def protocol_caption(split_note: str = "", seeds: int = 1, mask_history: bool = False) -> str:
+def protocol_caption(split_note: str = "", seeds: int = 1, mask_history: bool = False, max_len: int = 50,
+                     stars: bool = True) -> str:
     masking = "history items masked" if mask_history else "history items not masked"
     seeds_note = f"mean $\\pm$ std over {seeds} seeds" if seeds > 1 else "one seed"
-    return (f"Leave-one-out split, every training prefix a sample, history $\\le$ 50; full ranking over "
-            f"all items ({masking}); {seeds_note}. Best in bold, second underlined; $^*$: paired t-test "
-            f"over per-user metrics (seeds pooled), p $<$ 0.01 against the best baseline. {split_note}").strip()
+    text = (f"Leave-one-out split, every training prefix a sample, history $\\le$ {max_len}; full ranking "
+            f"over all items ({masking}); {seeds_note}. Best in bold, second underlined.")
+    if stars:
+        text += (" $^*$: paired t-test over per-user metrics (seeds pooled), p $<$ 0.01 against the best "
+                 "other column.")
+    return f"{text} {split_note}".strip()
 
 
 def ablation_figure(frame: pd.DataFrame, path: Path, title: str = "Ablation of IGR-SR") -> list[Path]:
@@ -233,7 +237,7 @@ def runs_frame(trials) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool) -> Table:
+def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, max_len: int = 50) -> Table:
     """Rows (dataset, metric), columns models/variants; mean (+- std) over seeds; `*` on IGR-SR
     where its gain over the best other column is significant (paired, seeds pooled)."""
     labels = list(dict.fromkeys(runs["label"]))
@@ -259,14 +263,15 @@ def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool) -
                                                                              others)
     title = "Ablation of IGR-SR" if kind == "ablate" else "Overall performance"
     return Table(mean=mean, std=std if seeds > 1 else None, stars=stars,
-                 caption=f"{title} (test set). " + protocol_caption(seeds=seeds, mask_history=mask_history),
+                 caption=f"{title} (test set). " + protocol_caption(seeds=seeds, mask_history=mask_history,
+                                                                       max_len=max_len),
                  label=f"tab:{kind}")
 
 
 LABELS_PROPOSED = {"IGR-SR"}
 
 
-def robustness_latex(runs: pd.DataFrame, mask_history: bool) -> tuple[str, pd.DataFrame]:
+def robustness_latex(runs: pd.DataFrame, mask_history: bool, max_len: int = 50) -> tuple[str, pd.DataFrame]:
     """Table 3: clean vs noisy Recall@10 and the relative drop, per dataset and model."""
     rows = []
     for (dataset, label), g in runs.groupby(["dataset", "label"], sort=False):
@@ -280,7 +285,7 @@ def robustness_latex(runs: pd.DataFrame, mask_history: bool) -> tuple[str, pd.Da
     seeds = int(runs.groupby(["dataset", "label", "noise"])["seed"].nunique().max()) if len(runs) else 0
     lines = [r"\begin{table}[t]", r"\centering",
              rf"\caption{{Robustness: Recall@10 on clean and noisy training data (relative drop). "
-             rf"{protocol_caption(seeds=seeds, mask_history=mask_history).split(' Best in bold')[0]} "
+             rf"{protocol_caption(seeds=seeds, mask_history=mask_history, max_len=max_len).split(' Best in bold')[0]} "
              r"Noise: that fraction of training items replaced by random items; validation and test "
              r"targets untouched.}", r"\label{tab:robustness}", r"\begin{tabular}{llcc}", r"\toprule",
              r"Dataset & Method & Clean & Noisy \\", r"\midrule"]
@@ -309,10 +314,11 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
         if runs.empty:
             continue
         mask = bool(exp.get("train", {}).get("mask_history", False))
+        max_len = int(exp.get("train", {}).get("max_len", 50))
         kind = exp["kind"]
         base = out / name.replace("/", "_")
         if kind in ("ablate", "compare"):
-            table = comparison_table(runs, store, kind, mask)
+            table = comparison_table(runs, store, kind, mask, max_len)
             base.with_suffix(".tex").write_text(table.to_latex())
             table.to_csv(base.with_suffix(".csv"))
             if kind == "ablate":
@@ -323,7 +329,7 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
                 ablation_figure(frame, base.with_name(base.name + "-figure"), f"Ablation of IGR-SR on {first}")
             made.append((name, base.with_suffix(".tex"), rich_table(table.mean, name)))
         elif kind == "robustness":
-            tex, frame = robustness_latex(runs, mask)
+            tex, frame = robustness_latex(runs, mask, max_len)
             base.with_suffix(".tex").write_text(tex)
             frame.to_csv(base.with_suffix(".csv"), index=False)
             made.append((name, base.with_suffix(".tex"), rich_table(frame.set_index(["dataset", "model"]), name)))
@@ -333,7 +339,8 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
             table = Table(mean=grid.rename(index=lambda k: f"k={k}", columns=lambda m: f"m={m}"),
                           highlight="all", caption="Recall@10 (test) over prefix tokens k and intent tokens m. "
                           + protocol_caption(seeds=int(runs.groupby(["k", "m"])["seed"].nunique().max()),
-                                             mask_history=mask).split(" Best in bold")[0], label="tab:sensitivity")
+                                             mask_history=mask, max_len=max_len, stars=False),
+                          label="tab:sensitivity")
             base.with_suffix(".tex").write_text(table.to_latex())
             sensitivity_figure(grid, base.with_name(base.name + "-figure"))
             made.append((name, base.with_suffix(".tex"), rich_table(grid, name)))

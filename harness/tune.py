@@ -402,7 +402,7 @@ def latex_top_trials(top: list[FrozenTrial], job: TuneJob, study_name: str) -> s
              rf"\caption{{Top trials of study {latex_escape(study_name)} ({latex_escape(job.study_file.model)} on "
              rf"{latex_escape(job.dataset)}) by validation NDCG@10, which selects and prunes; test metrics of "
              rf"each trial's best-validation checkpoint; at most {job.base.train.epochs} epochs per trial. "
-             rf"{protocol_caption(mask_history=job.base.train.mask_history)}}}",
+             rf"{protocol_caption(mask_history=job.base.train.mask_history, max_len=job.base.train.max_len, stars=False)}}}",
              rf"\label{{tab:tune-{re.sub(r'[^A-Za-z0-9:-]', '-', study_name)}}}",
              rf"\begin{{tabular}}{{{'l' * (1 + len(space)) + 'c' * len(metrics)}}}", r"\toprule",
              " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]

@@ -91,3 +91,16 @@ def test_unknown_model_in_an_experiment_is_one_line(tmp_path):
                                       "--storage", str(tmp_path / "s.journal"), *TINY])
     assert result.exit_code != 0 and "unknown model 'nosuch'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_sensitivity_grid_over_k_and_m(tmp_path):
+    args = ["--results-dir", str(tmp_path / "res"), "sensitivity", "--dataset", "synthetic", "--k", "2,4",
+            "--m", "1", "--seeds", "1", "--storage", str(tmp_path / "s.journal"), *TINY]
+    result = CliRunner().invoke(cli, args, env={"HARNESS_CACHE_DIR": str(tmp_path / "c")}, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "0 of 2 cells already done; running 2" in result.output
+    tex = (tmp_path / "res" / "report" / "sensitivity-synthetic.tex").read_text()
+    assert "k=2" in tex and "k=4" in tex and "m=1" in tex and "$^*$" not in tex
+    assert (tmp_path / "res" / "report" / "sensitivity-synthetic-figure.png").stat().st_size > 1000
+    bad = CliRunner().invoke(cli, ["sensitivity", "--dataset", "synthetic", "--k", "2,x"])
+    assert bad.exit_code != 0 and "--k" in bad.output
