@@ -46,3 +46,23 @@ def shared_data() -> Path:
     if not (root / "toys" / "Toys_and_Games.txt").is_file():
         pytest.skip(f"real data not available: {root / 'toys' / 'Toys_and_Games.txt'} is missing")
     return root
+
+
+SMALL_ITEMS, SMALL_MAX_LEN = 40, 20
+
+
+@pytest.fixture(scope="module")
+def small_split():
+    """60 synthetic users over 40 items (planted intents), split with histories of <= 20."""
+    import numpy as np
+
+    from harness.data.sequences import SequenceData
+    from harness.data.split import LeaveOneOut
+    from harness.data.synthetic import SyntheticSpec, generate
+
+    seqs = generate(SyntheticSpec(users=60, items=SMALL_ITEMS, intents=4, mean_length=10, seed=1))
+    lengths = [len(s) for s in seqs]
+    flat = np.concatenate(seqs).astype(np.int64)
+    d = SequenceData(items=flat, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                     user_ids=np.arange(1, len(seqs) + 1), n_items=SMALL_ITEMS)
+    return LeaveOneOut(d, max_len=SMALL_MAX_LEN)

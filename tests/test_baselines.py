@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from harness.data.sequences import SequenceData
 from harness.data.split import Batch, LeaveOneOut
-from harness.data.synthetic import SyntheticSpec, generate
 from models.bert4rec import BERT4Rec, BERT4RecConfig, append_token
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig, pairwise_kl
 
@@ -28,13 +26,8 @@ NO_DROPOUT = {"gru4rec": {"dropout": 0.0},
 
 
 @pytest.fixture(scope="module")
-def data() -> LeaveOneOut:
-    seqs = generate(SyntheticSpec(users=60, items=N_ITEMS, intents=4, mean_length=10, seed=1))
-    lengths = [len(s) for s in seqs]
-    flat = np.concatenate(seqs).astype(np.int64)
-    d = SequenceData(items=flat, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                     user_ids=np.arange(1, len(seqs) + 1), n_items=N_ITEMS)
-    return LeaveOneOut(d, max_len=MAX_LEN)
+def data(small_split) -> LeaveOneOut:
+    return small_split
 
 
 def build(name: str, seed: int = 0, **params):

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import models
-from harness.data.sequences import SequenceData
 from harness.data.split import LeaveOneOut
-from harness.data.synthetic import SyntheticSpec, generate
 from models.igr_sr import IGRSR, IGRSRConfig, LatentIntentDistiller
 from models.sasrec import SASRec, SASRecConfig
 
@@ -16,13 +14,8 @@ N_ITEMS = 40
 
 
 @pytest.fixture(scope="module")
-def data() -> LeaveOneOut:
-    seqs = generate(SyntheticSpec(users=60, items=N_ITEMS, intents=4, mean_length=10, seed=1))
-    lengths = [len(s) for s in seqs]
-    flat = np.concatenate(seqs).astype(np.int64)
-    d = SequenceData(items=flat, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                     user_ids=np.arange(1, len(seqs) + 1), n_items=N_ITEMS)
-    return LeaveOneOut(d, max_len=20)
+def data(small_split) -> LeaveOneOut:
+    return small_split
 
 
 def lid_encoder(d_l: int = 8, seed: int = 0) -> SASRec:
