@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pytest
 from click.testing import CliRunner
 
 from harness.cli import cli
