@@ -3,7 +3,6 @@ own objectives, BERT4Rec's masking and evaluation token, ReaRec's reasoning step
 epoch through the shared trainer."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import models
 from harness.data.split import Batch, LeaveOneOut
 from models.bert4rec import BERT4Rec, BERT4RecConfig, append_token
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig, pairwise_kl
+from helpers import achievable_accuracy
 
 N_ITEMS = 40
 MAX_LEN = 20
@@ -47,16 +47,6 @@ def eval_batch(items: list[list[int]]) -> Batch:
     zeros = torch.zeros(len(items), dtype=torch.long)
     return Batch(x, lengths, torch.zeros_like(x), zeros, zeros)
 
-
-def achievable_accuracy(batch: Batch) -> float:
-    """Top-1 accuracy of a perfect memoriser: equal histories with different targets cap it."""
-    targets: dict[tuple, Counter] = {}
-    for i in range(batch.size):
-        row = batch.items[i].tolist()
-        for j, t in enumerate(batch.targets[i].tolist()):
-            if t > 0:
-                targets.setdefault(tuple(row[: j + 1]), Counter())[t] += 1
-    return sum(c.most_common(1)[0][1] for c in targets.values()) / sum(sum(c.values()) for c in targets.values())
 
 
 # ----------------------------------------------------------------------------------- all four

@@ -9,6 +9,7 @@ import models
 from harness.data.split import LeaveOneOut
 from models.igr_sr import IGRSR, IGRSRConfig, LatentIntentDistiller
 from models.sasrec import SASRec, SASRecConfig
+from helpers import achievable_accuracy
 
 N_ITEMS = 40
 
@@ -155,18 +156,6 @@ def test_overfits_a_tiny_batch(data, name, params):
     assert loss.item() < 0.25 * first
     assert hits.float().mean() >= achievable_accuracy(batch) - 1e-6
 
-
-def achievable_accuracy(batch) -> float:
-    """Top-1 accuracy a perfect memoriser gets: equal histories with different targets cap it."""
-    from collections import Counter
-
-    targets: dict[tuple, Counter] = {}
-    for i in range(batch.size):
-        row = batch.items[i].tolist()
-        for j, t in enumerate(batch.targets[i].tolist()):
-            if t > 0:
-                targets.setdefault(tuple(row[: j + 1]), Counter())[t] += 1
-    return sum(c.most_common(1)[0][1] for c in targets.values()) / sum(sum(c.values()) for c in targets.values())
 
 def test_igr_sr_requires_an_encoder():
     with pytest.raises(ValueError, match="pre-trained"):
