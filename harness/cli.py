@@ -313,6 +313,9 @@ def _given_options(ctx: click.Context, **overrides) -> list[str]:
               help="Local worker processes on the study; the cores are split between them.")
 @click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None,
               help="Overrides the study file's pruner.")
+@click.option("--min-epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs a trial trains before it may be pruned (Hyperband's first rung, Median's "
+                   "warm-up); overrides the study file. Scale it with a short --epochs cap.")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Database storages: seconds between a running trial's heartbeats; a trial silent for "
                    "3x this long is failed and retried.")
@@ -323,7 +326,7 @@ def _given_options(ctx: click.Context, **overrides) -> list[str]:
 @click.pass_context
 def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | None, trials: int | None,
          timeout: float | None, storage: str | None, study_name: str | None, new_study: bool, workers: int,
-         pruner: str | None, heartbeat: int, params: tuple[str, ...], worker_index: int | None, **kw) -> None:
+         pruner: str | None, min_epochs: int | None, heartbeat: int, params: tuple[str, ...], worker_index: int | None, **kw) -> None:
     """Tune a model's hyperparameters: an Optuna study (TPE + pruning on validation NDCG@10)
     over the search space of a study file. --epochs is the per-trial epoch cap. Running it
     again resumes the study.
@@ -345,7 +348,7 @@ def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | 
     given = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE)
     job = TuneJob(study_file=study_file, dataset=dataset, base=run_spec(ctx, study_file.model, dataset, (), kw),
                   results_dir=ctx.obj["results_dir"], storage_url=storage, study_name=study_name, trials=trials,
-                  timeout=timeout, new_study=new_study, workers=workers, pruner=pruner, heartbeat=heartbeat,
+                  timeout=timeout, new_study=new_study, workers=workers, pruner=pruner, min_epochs=min_epochs, heartbeat=heartbeat,
                   given_flags=given)
 
     def worker_argv(name: str, index: int) -> list[str]:

@@ -373,16 +373,25 @@ def make_sampler(sf: StudyFile, worker: int | None, epoch_cap: int) -> optuna.sa
         return SAMPLERS[name](**options)
 
 
-def make_pruner(sf: StudyFile, override: str | None, epoch_cap: int) -> optuna.pruners.BasePruner:
+def make_pruner(sf: StudyFile, override: str | None, epoch_cap: int,
+                min_epochs: int | None = None) -> optuna.pruners.BasePruner:
+    """The study file's pruner (or `override`), with epochs as the resource. `min_epochs`, when
+    given, is the fewest epochs a trial trains before it may be pruned: Hyperband's min_resource,
+    the Median pruner's warm-up. A study file written for a 200-epoch cap asks for a first rung
+    that a short, capped session would barely reach; this is the knob that rescales it."""
     name, options = sf.pruner
     if override is not None and override != name:
         name, options = override, {}  # the file's arguments belong to its own pruner
     options = dict(options)
     if name == "median":
         options = {"n_startup_trials": 5, "n_warmup_steps": 0, **options}
+        if min_epochs is not None:
+            options["n_warmup_steps"] = min_epochs  # epochs are reported as steps 1, 2, ...
     if name == "hyperband":
         # resource = epochs; the largest bracket runs to the per-trial epoch cap
         options.setdefault("max_resource", epoch_cap)
+        if min_epochs is not None:
+            options["min_resource"] = min_epochs
         options["min_resource"] = min(options.get("min_resource", 1), options["max_resource"])
     return PRUNERS[name](**options)
 
@@ -494,6 +503,7 @@ class TuneJob:
     new_study: bool = False
     workers: int = 1
     pruner: str | None = None  # overrides the study file's
+    min_epochs: int | None = None  # overrides the pruner's first rung / warm-up
     heartbeat: int = 60  # RDB storages only
     given_flags: frozenset[str] = frozenset()  # options given on the command line
 

@@ -181,7 +181,7 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
     cap = job.base.train.epochs
     study = optuna.load_study(study_name=study_name, storage=storage,
                               sampler=make_sampler(job.study_file, worker, cap),
-                              pruner=make_pruner(job.study_file, job.pruner, cap))
+                              pruner=make_pruner(job.study_file, job.pruner, cap, job.min_epochs))
     prefix = f"[w{worker}] " if worker else ""
     for number in recover(study):
         echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")

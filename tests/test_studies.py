@@ -59,6 +59,18 @@ def test_igr_sr_study_file_is_the_papers_space():
     assert load_study_file(REPO / "studies" / "sasrec.toml").model == "sasrec"
 
 
+def test_min_epochs_rescales_the_pruners_first_rung():
+    from harness.studies import make_pruner
+    sf = load_study_file(REPO / "studies" / "igr-sr.toml")  # hyperband, min_resource 5
+    default = make_pruner(sf, None, 200)
+    assert (default._min_resource, default._max_resource) == (5, 200)
+    capped = make_pruner(sf, None, 6, min_epochs=1)
+    assert (capped._min_resource, capped._max_resource) == (1, 6)
+    assert make_pruner(sf, None, 3)._min_resource == 3  # never above the cap
+    median = make_pruner(sf, "median", 6, min_epochs=2)
+    assert median._n_warmup_steps == 2
+
+
 def test_suggest_on_fixed_trials_drops_conditional_params():
     sf = load_study_file(REPO / "studies" / "igr-sr.toml")
     base = {"d_l": 16, "k": 4, "m": 2, "lr": 3e-3}
