@@ -153,7 +153,7 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
             if epoch - best_epoch > cfg.patience:  # a resumed run that had already stopped
                 break
             model.train()
-            model.on_epoch_start(epoch)
+            model.on_epoch_start(epoch, data)
             t0 = time.perf_counter()
             batches = data.train_batches(layout, cfg.batch_size, rng)
             loss_sum, parts_sum, n_seen = 0.0, {}, 0

@@ -6,8 +6,10 @@ A model is a torch module with two methods:
 - `scores(batch) -> Tensor (B, n_items + 1)`: a score for every item id (column 0 is padding
   and is never ranked) given each row's history.
 and a class attribute `layout` ("sequence" or "prefix", see harness/data/split.py) saying how
-it wants its training samples laid out. `on_epoch_start(epoch)` is an optional hook for models
-that recompute something each epoch (k-means intents). Models do no I/O.
+it wants its training samples laid out. `on_epoch_start(epoch, data)` is an optional hook for
+models that recompute something from the training split each epoch (ICLRec's k-means intents):
+`data` is the in-memory `harness.data.split.LeaveOneOut`; the hook may iterate its
+`train_batches(...)` but must not keep the trainer's RNG state. Models do no I/O.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class SequentialRecommender(nn.Module):
     def scores(self, batch) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def on_epoch_start(self, epoch: int) -> None:
+    def on_epoch_start(self, epoch: int, data=None) -> None:
         pass
 
 

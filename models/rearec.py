@@ -205,7 +205,7 @@ class ReaRecPRL(ReaRec):
         super().__init__(cfg, n_items)
         self.epoch = 0  # on_epoch_start sets it; 0 = warm-up
 
-    def on_epoch_start(self, epoch: int) -> None:
+    def on_epoch_start(self, epoch: int, data=None) -> None:
         self.epoch = epoch
 
     @property
