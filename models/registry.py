@@ -15,6 +15,7 @@ from torch import nn
 from models.bert4rec import BERT4Rec, BERT4RecConfig
 from models.gru4rec import GRU4Rec, GRU4RecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
+from models.lares import LARES, LARESConfig
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
 from models.sasrec import SASRec, SASRecConfig
 
@@ -86,3 +87,6 @@ register(ModelSpec("rearec-erl", ReaRecERLConfig, lambda cfg, n_items: ReaRecERL
                    description="ReaRec-ERL: SASRec + K reasoning steps, ensemble of steps + KL diversity"))
 register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL(cfg, n_items),
                    description="ReaRec-PRL: SASRec + K reasoning steps, progressive temperatures + noisy InfoNCE"))
+register(ModelSpec("lares-ssl", LARESConfig, lambda cfg, n_items: LARES(cfg, n_items),
+                   description="LARES stage 1 only (pre-block + k shared core iterations, trajectory and step "
+                               "alignment); no GRPO post-training"))
