@@ -30,7 +30,7 @@ VARIANTS = ("igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr")
 LABELS = {"igr-sr": "IGR-SR", "igr-sr/wo-lid": "w/o LID", "igr-sr/concat": "w/o cross-attn (concat)",
           "igr-sr/wo-icr": "w/o ICR", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec",
           "iclrec": "ICLRec", "icsrec": "ICSRec", "rearec-erl": "ReaRec-ERL", "rearec-prl": "ReaRec-PRL",
-          "lares": "LARES"}
+          "lares": "LARES", "lares-ssl": "LARES (stage 1)"}
 KINDS = ("ablate", "compare", "robustness", "sensitivity")
 
 

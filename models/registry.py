@@ -16,6 +16,7 @@ from models.bert4rec import BERT4Rec, BERT4RecConfig
 from models.gru4rec import GRU4Rec, GRU4RecConfig
 from models.iclrec import ICLRec, ICLRecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
+from models.lares import LARES, LARESConfig
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
 from models.sasrec import SASRec, SASRecConfig
 
@@ -89,3 +90,6 @@ register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL
                    description="ReaRec-PRL: SASRec + K reasoning steps, progressive temperatures + noisy InfoNCE"))
 register(ModelSpec("iclrec", ICLRecConfig, lambda cfg, n_items: ICLRec(cfg, n_items),
                    description="ICLRec: SASRec + augmented-view InfoNCE + k-means intent contrast"))
+register(ModelSpec("lares-ssl", LARESConfig, lambda cfg, n_items: LARES(cfg, n_items),
+                   description="LARES stage 1 only (pre-block + k shared core iterations, trajectory and step "
+                               "alignment); no GRPO post-training"))
