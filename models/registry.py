@@ -14,6 +14,7 @@ from torch import nn
 
 from models.bert4rec import BERT4Rec, BERT4RecConfig
 from models.gru4rec import GRU4Rec, GRU4RecConfig
+from models.icsrec import ICSRec, ICSRecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
 from models.sasrec import SASRec, SASRecConfig
@@ -86,3 +87,5 @@ register(ModelSpec("rearec-erl", ReaRecERLConfig, lambda cfg, n_items: ReaRecERL
                    description="ReaRec-ERL: SASRec + K reasoning steps, ensemble of steps + KL diversity"))
 register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL(cfg, n_items),
                    description="ReaRec-PRL: SASRec + K reasoning steps, progressive temperatures + noisy InfoNCE"))
+register(ModelSpec("icsrec", ICSRecConfig, lambda cfg, n_items: ICSRec(cfg, n_items),
+                   description="ICSRec: SASRec on subsequences + same-target and k-means intent contrastive terms"))
