@@ -15,6 +15,7 @@ from torch import nn
 from models.bert4rec import BERT4Rec, BERT4RecConfig
 from models.gru4rec import GRU4Rec, GRU4RecConfig
 from models.iclrec import ICLRec, ICLRecConfig
+from models.icsrec import ICSRec, ICSRecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
 from models.lares import LARES, LARESConfig
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
@@ -93,3 +94,5 @@ register(ModelSpec("iclrec", ICLRecConfig, lambda cfg, n_items: ICLRec(cfg, n_it
 register(ModelSpec("lares-ssl", LARESConfig, lambda cfg, n_items: LARES(cfg, n_items),
                    description="LARES stage 1 only (pre-block + k shared core iterations, trajectory and step "
                                "alignment); no GRPO post-training"))
+register(ModelSpec("icsrec", ICSRecConfig, lambda cfg, n_items: ICSRec(cfg, n_items),
+                   description="ICSRec: SASRec on subsequences + same-target and k-means intent contrastive terms"))
