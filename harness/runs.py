@@ -101,8 +101,11 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     from harness.cache import lid_encoder_config, pretrained_lid
 
     enc_cfg = lid_encoder_config(model_cfg.d_l, model_cfg)
-    lid_train = dataclasses.replace(spec.train, epochs=spec.lid_epochs, patience=spec.lid_patience,
-                                    mask_history=False)
+    # The LID's own recipe: SASRec's defaults, never the IGR-SR run's lr / batch size / weight
+    # decay (a tuning trial that samples lr must not pre-train, and cache, its own encoder).
+    lid_train = TrainConfig(epochs=spec.lid_epochs, patience=spec.lid_patience, seed=spec.train.seed,
+                            device=spec.train.device, eval_batch_size=spec.train.eval_batch_size,
+                            max_len=spec.train.max_len, mask_history=False)
     recipe = {k: v for k, v in dataclasses.asdict(lid_train).items()
               if k not in ("device", "eval_batch_size")}
 

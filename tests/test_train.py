@@ -1,6 +1,8 @@
 """The shared trainer: early stopping, best checkpoint, seeds, callback, divergence, LID cache."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,11 @@ def test_lid_encoder_is_pretrained_once_and_cached(tmp_path):
     # another d_l is another encoder
     other, _, info3 = build_model(RunSpec(**{**spec.__dict__, "params": {"d_l": "16"}}), data, progress=False)
     assert info3["cached"] is False and info3["key"] != info1["key"]
+    assert len(list((tmp_path / "cache" / "lid").glob("*.pt"))) == 2
+    # a trial's own lr / batch size / weight decay are not the LID's recipe: the encoder is shared
+    tuned = dataclasses.replace(spec.train, lr=7e-3, batch_size=64, weight_decay=1e-4)
+    _, _, info4 = build_model(dataclasses.replace(spec, train=tuned), data, progress=False)
+    assert info4["cached"] is True and info4["key"] == info1["key"] and info4["recipe"]["lr"] == 1e-3
     assert len(list((tmp_path / "cache" / "lid").glob("*.pt"))) == 2
 
 
