@@ -69,6 +69,9 @@ def open_study(job: TuneJob, storage) -> tuple[optuna.Study, str]:
     study = optuna.create_study(study_name=name, storage=storage, direction=job.study_file.direction,
                                 load_if_exists=True)
     stored = study.user_attrs.get("definition")
+    if not study.metric_names:
+        with quiet_experimental():  # the dashboard labels its axes "valid_ndcg@10", not "Objective 0"
+            study.set_metric_names([job.study_file.metric])
     if stored is None:
         study.set_user_attr("definition", definition)
         study.set_user_attr("study_file", str(job.study_file.path))

@@ -212,6 +212,7 @@ def test_changed_search_space_is_refused_unless_new_study(tmp_path):
     storage = open_storage(str(tmp_path / "s.journal"))
     study, note = open_study(_job(path, tmp_path), storage)
     assert study.study_name == "sasrec-synthetic" and note.startswith("created study 'sasrec-synthetic'")
+    assert study.metric_names == ["valid_ndcg@10"]  # what the dashboard labels the objective
     study.enqueue_trial({"layers": 1, "lr": 1e-3})
     again, note = open_study(_job(path, tmp_path), storage)
     assert again.study_name == "sasrec-synthetic" and note.startswith("resuming study") and "1 waiting" in note
