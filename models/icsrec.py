@@ -75,7 +75,7 @@ from torch import nn
 
 from models.base import SequentialRecommender, init_weights, last_position
 from models.kmeans import assign, kmeans
-from models.sasrec import PostLNBlock
+from models.sasrec import PostLNBlock, SASRecConfig
 
 _P1, _P2 = 2147483647, 2147483629  # primes < 2^31: products with item ids stay inside int64
 _HASH_SEED = 12345
@@ -84,16 +84,8 @@ _MAX_POINTS_PER_CENTROID = 4096  # faiss's default subsampling for k-means train
 
 
 @dataclass
-class ICSRecConfig:
-    hidden: int = 64
-    inner: int = 256
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
+class ICSRecConfig(SASRecConfig):
+    # hidden 64, inner 256, 2 layers x 2 heads, dropout 0.5 / 0.5, max_len 50: SASRecConfig
     positions_from_end: bool = True  # the code left-pads: last item at position max_len - 1
     intent_num: int = 256  # k-means clusters (fine-grained intents)
     kmeans_iters: int = 20
