@@ -151,6 +151,15 @@ def protocol_caption(split_note: str = "", seeds: int = 1, mask_history: bool = 
     return f"{text} {split_note}".strip()
 
 
+def budget_note(train: dict) -> str:
+    """The training budget of an experiment's runs, for its caption: a table from capped runs
+    must say so, since short caps favour models that learn fast."""
+    if "epochs" not in train:
+        return ""
+    return (f"Each run trained at most {train['epochs']} epochs, model chosen by validation NDCG@10 "
+            f"(early stop after {train.get('patience', '?')} epochs without gain).")
+
+
 def ablation_figure(frame: pd.DataFrame, path: Path, title: str = "Ablation of IGR-SR") -> list[Path]:
     """Grouped bars like the paper's Figure 2: rows = variants, columns = metrics (+ optional
     `<metric> std` columns for error bars). Writes .pdf and .png."""
@@ -237,7 +246,8 @@ def runs_frame(trials) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, max_len: int = 50) -> Table:
+def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, max_len: int = 50,
+                     note: str = "") -> Table:
     """Rows (dataset, metric), columns models/variants; mean (+- std) over seeds; `*` on IGR-SR
     where its gain over the best other column is significant (paired, seeds pooled)."""
     labels = list(dict.fromkeys(runs["label"]))
@@ -263,7 +273,7 @@ def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, m
                                                                              others)
     title = "Ablation of IGR-SR" if kind == "ablate" else "Overall performance"
     return Table(mean=mean, std=std if seeds > 1 else None, stars=stars,
-                 caption=f"{title} (test set). " + protocol_caption(seeds=seeds, mask_history=mask_history,
+                 caption=f"{title} (test set). " + protocol_caption(note, seeds=seeds, mask_history=mask_history,
                                                                        max_len=max_len),
                  label=f"tab:{kind}")
 
@@ -271,7 +281,8 @@ def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, m
 LABELS_PROPOSED = {"IGR-SR"}
 
 
-def robustness_latex(runs: pd.DataFrame, mask_history: bool, max_len: int = 50) -> tuple[str, pd.DataFrame]:
+def robustness_latex(runs: pd.DataFrame, mask_history: bool, max_len: int = 50,
+                     note: str = "") -> tuple[str, pd.DataFrame]:
     """Table 3: clean vs noisy Recall@10 and the relative drop, per dataset and model."""
     rows = []
     for (dataset, label), g in runs.groupby(["dataset", "label"], sort=False):
@@ -287,7 +298,7 @@ def robustness_latex(runs: pd.DataFrame, mask_history: bool, max_len: int = 50) 
              rf"\caption{{Robustness: Recall@10 on clean and noisy training data (relative drop). "
              rf"{protocol_caption(seeds=seeds, mask_history=mask_history, max_len=max_len).split(' Best in bold')[0]} "
              r"Noise: that fraction of training items replaced by random items; validation and test "
-             r"targets untouched.}", r"\label{tab:robustness}", r"\begin{tabular}{llcc}", r"\toprule",
+             rf"targets untouched. {note}".rstrip() + "}", r"\label{tab:robustness}", r"\begin{tabular}{llcc}", r"\toprule",
              r"Dataset & Method & Clean & Noisy \\", r"\midrule"]
     for _, r in frame.iterrows():
         lines.append(rf"{latex_escape(str(r['dataset']))} & {latex_escape(str(r['model']))} & {r['clean']:.4f} & "
@@ -316,9 +327,10 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
         mask = bool(exp.get("train", {}).get("mask_history", False))
         max_len = int(exp.get("train", {}).get("max_len", 50))
         kind = exp["kind"]
+        note = budget_note(exp.get("train", {}))
         base = out / name.replace("/", "_")
         if kind in ("ablate", "compare"):
-            table = comparison_table(runs, store, kind, mask, max_len)
+            table = comparison_table(runs, store, kind, mask, max_len, note)
             base.with_suffix(".tex").write_text(table.to_latex())
             table.to_csv(base.with_suffix(".csv"))
             if kind == "ablate":
@@ -329,7 +341,7 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
                 ablation_figure(frame, base.with_name(base.name + "-figure"), f"Ablation of IGR-SR on {first}")
             made.append((name, base.with_suffix(".tex"), rich_table(table.mean, name)))
         elif kind == "robustness":
-            tex, frame = robustness_latex(runs, mask, max_len)
+            tex, frame = robustness_latex(runs, mask, max_len, note)
             base.with_suffix(".tex").write_text(tex)
             frame.to_csv(base.with_suffix(".csv"), index=False)
             made.append((name, base.with_suffix(".tex"), rich_table(frame.set_index(["dataset", "model"]), name)))
@@ -338,7 +350,7 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
             grid.to_csv(base.with_suffix(".csv"))
             table = Table(mean=grid.rename(index=lambda k: f"k={k}", columns=lambda m: f"m={m}"),
                           highlight="all", caption="Recall@10 (test) over prefix tokens k and intent tokens m. "
-                          + protocol_caption(seeds=int(runs.groupby(["k", "m"])["seed"].nunique().max()),
+                          + protocol_caption(note, seeds=int(runs.groupby(["k", "m"])["seed"].nunique().max()),
                                              mask_history=mask, max_len=max_len, stars=False),
                           label="tab:sensitivity")
             base.with_suffix(".tex").write_text(table.to_latex())

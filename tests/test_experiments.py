@@ -80,6 +80,8 @@ def test_robustness_and_report(tmp_path):
     assert result.exit_code == 0, result.output
     tex = (tmp_path / "res" / "report" / "robustness-synthetic.tex").read_text()
     assert "SASRec" in tex and r"$\downarrow$" in tex and "+30\\% noise" in tex
+    epochs = TINY[TINY.index("--epochs") + 1]
+    assert f"trained at most {epochs} epochs" in tex  # a capped run says so in its caption
     rebuilt = CliRunner().invoke(cli, ["--results-dir", str(tmp_path / "res"), "report", "--storage",
                                        str(tmp_path / "s.journal")], terminal_width=200)
     assert rebuilt.exit_code == 0 and "1 experiment(s) reported" in rebuilt.output
