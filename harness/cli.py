@@ -409,7 +409,7 @@ def _experiment(ctx: click.Context, kind: str, datasets: str, models_: str, seed
 
 
 _SEEDS = click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
-                      help="Seeds per cell (2020, 2021, ...).")
+                      help="Seeds per cell: --seed, --seed + 1, ... (2020, 2021, ... by default).")
 _PARAMS = click.option("--params", "params_source", default="best", show_default=True,
                        help="best (the dataset's tune study, else the paper's defaults), paper, or a TOML/JSON file.")
 _STORAGE = click.option("--storage", envvar="HARNESS_STORAGE", default=None,

@@ -107,7 +107,9 @@ def _toml(path: Path) -> dict:
 
 
 def grid(models_: list[str], datasets: list[str], seeds: int, source: str, storage,
-         noise: tuple[float, ...] = (0.0,), extra: list[dict] | None = None) -> tuple[list[Cell], list[str]]:
+         noise: tuple[float, ...] = (0.0,), extra: list[dict] | None = None,
+         first_seed: int = 2020) -> tuple[list[Cell], list[str]]:
+    """The cells: models x datasets x extra params x noise rates x seeds first_seed, first_seed + 1, ..."""
     cells, notes = [], []
     for dataset in datasets:
         for model in models_:
@@ -116,7 +118,7 @@ def grid(models_: list[str], datasets: list[str], seeds: int, source: str, stora
             for more in extra or [{}]:
                 merged = tuple(sorted({**params, **more}.items()))
                 for rate in noise:
-                    cells += [Cell(model, dataset, 2020 + s, merged, rate) for s in range(seeds)]
+                    cells += [Cell(model, dataset, first_seed + s, merged, rate) for s in range(seeds)]
     return cells, notes
 
 
@@ -217,13 +219,16 @@ def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, s
         except KeyError as e:
             raise HarnessError(f"--models: {e.args[0]}") from None
     storage = open_storage(storage_url)
+    # --seed is the first seed: `--seeds 1 --seed 2021` runs one seed's cells (e.g. on a second
+    # machine) that a later `--seeds 2` finds done
+    first = base.train.seed
     if kind == "robustness":
-        cells, notes = grid(models_, datasets, seeds, source, storage, noise=(0.0, noise))
+        cells, notes = grid(models_, datasets, seeds, source, storage, noise=(0.0, noise), first_seed=first)
     elif kind == "sensitivity":
         extra = [{"k": k, "m": m} for k in ks or [] for m in ms or []]
-        cells, notes = grid(models_, datasets, seeds, source, storage, extra=extra)
+        cells, notes = grid(models_, datasets, seeds, source, storage, extra=extra, first_seed=first)
     else:
-        cells, notes = grid(models_, datasets, seeds, source, storage)
+        cells, notes = grid(models_, datasets, seeds, source, storage, first_seed=first)
     for note in notes:
         echo(f"params: {note}")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"

@@ -105,3 +105,21 @@ def test_sensitivity_grid_over_k_and_m(tmp_path):
     assert (tmp_path / "res" / "report" / "sensitivity-synthetic-figure.png").stat().st_size > 1000
     bad = CliRunner().invoke(cli, ["sensitivity", "--dataset", "synthetic", "--k", "2,x"])
     assert bad.exit_code != 0 and "--k" in bad.output
+
+
+def test_seed_sets_the_first_seed_and_a_wider_grid_reuses_its_cells(tmp_path):
+    """`--seeds 1 --seed 2021` runs seed 2021's cell; a later `--seeds 2` (2020, 2021) runs only 2020's."""
+    base = ["--results-dir", str(tmp_path / "res"), "ablate", "--dataset", "synthetic", "--variants",
+            "igr-sr/wo-lid", "--storage", str(tmp_path / "s.journal"), *TINY]
+    env = {"HARNESS_CACHE_DIR": str(tmp_path / "c")}
+    first = CliRunner().invoke(cli, [*base, "--seeds", "1", "--seed", "2021"], env=env, terminal_width=200)
+    assert first.exit_code == 0, first.output
+    assert "0 of 1 cells already done; running 1" in first.output and "seed 2021" in first.output
+    both = CliRunner().invoke(cli, [*base, "--seeds", "2"], env=env, terminal_width=200)
+    assert both.exit_code == 0, both.output
+    assert "1 of 2 cells already done; running 1" in both.output and "seed 2020" in both.output
+    from harness.studies import open_storage
+
+    study = optuna.load_study(study_name="ablate-synthetic", storage=open_storage(str(tmp_path / "s.journal")))
+    seeds = sorted(t.user_attrs["cell_info"]["seed"] for t in study.trials if t.state.name == "COMPLETE")
+    assert seeds == [2020, 2021]
