@@ -160,6 +160,16 @@ def budget_note(train: dict) -> str:
             f"(early stop after {train.get('patience', '?')} epochs without gain).")
 
 
+def params_note(notes: list[str]) -> str:
+    """Where the runs' parameters came from ("best trial of study ...", "paper defaults", a file),
+    from the experiment's stored notes ("MODEL on DATASET: ORIGIN")."""
+    origins = list(dict.fromkeys(n.split(": ", 1)[-1] for n in notes))
+    if not origins:
+        return ""
+    text = origins[0] if len(origins) == 1 else "; ".join(notes)
+    return f"Parameters: {latex_escape(text)}."
+
+
 def ablation_figure(frame: pd.DataFrame, path: Path, title: str = "Ablation of IGR-SR") -> list[Path]:
     """Grouped bars like the paper's Figure 2: rows = variants, columns = metrics (+ optional
     `<metric> std` columns for error bars). Writes .pdf and .png."""
@@ -227,7 +237,16 @@ SHOWN = {"recall@10": "Recall@10", "recall@20": "Recall@20", "ndcg@10": "NDCG@10
 def load_test_ranks(store, artifact_id: str) -> np.ndarray:
     import io
 
-    with store.open_reader(artifact_id) as reader:
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from harness.errors import HarnessError
+
+    try:
+        reader = store.open_reader(artifact_id)
+    except ArtifactNotFound:
+        raise HarnessError(f"per-user ranks {artifact_id} not found in the artifact store {getattr(store, '_base_path', '')}"
+                           ": was the experiment run with another --results-dir?") from None
+    with reader:
         return np.load(io.BytesIO(reader.read()))["test_ranks"]
 
 
@@ -327,7 +346,7 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
         mask = bool(exp.get("train", {}).get("mask_history", False))
         max_len = int(exp.get("train", {}).get("max_len", 50))
         kind = exp["kind"]
-        note = budget_note(exp.get("train", {}))
+        note = f'{budget_note(exp.get("train", {}))} {params_note(exp.get("notes", []))}'.strip()
         base = out / name.replace("/", "_")
         if kind in ("ablate", "compare"):
             table = comparison_table(runs, store, kind, mask, max_len, note)

@@ -82,6 +82,7 @@ def test_robustness_and_report(tmp_path):
     assert "SASRec" in tex and r"$\downarrow$" in tex and "+30\\% noise" in tex
     epochs = TINY[TINY.index("--epochs") + 1]
     assert f"trained at most {epochs} epochs" in tex  # a capped run says so in its caption
+    assert "Parameters: paper defaults." in tex  # and says where its parameters came from
     rebuilt = CliRunner().invoke(cli, ["--results-dir", str(tmp_path / "res"), "report", "--storage",
                                        str(tmp_path / "s.journal")], terminal_width=200)
     assert rebuilt.exit_code == 0 and "1 experiment(s) reported" in rebuilt.output
@@ -123,3 +124,8 @@ def test_seed_sets_the_first_seed_and_a_wider_grid_reuses_its_cells(tmp_path):
     study = optuna.load_study(study_name="ablate-synthetic", storage=open_storage(str(tmp_path / "s.journal")))
     seeds = sorted(t.user_attrs["cell_info"]["seed"] for t in study.trials if t.state.name == "COMPLETE")
     assert seeds == [2020, 2021]
+    # the report reads the per-user ranks from the results dir the runs wrote to
+    elsewhere = CliRunner().invoke(cli, ["--results-dir", str(tmp_path / "other"), "report", "--storage",
+                                         str(tmp_path / "s.journal")], terminal_width=200)
+    assert elsewhere.exit_code != 0 and "another --results-dir" in elsewhere.output
+    assert "Traceback" not in elsewhere.output
