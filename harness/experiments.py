@@ -194,12 +194,13 @@ def experiment_studies(storage) -> list[tuple[str, dict]]:
 
 def completed_cells(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The COMPLETE trial of each cell of the study's latest definition (latest if repeated)."""
-    wanted = set(study.user_attrs["experiment"]["cells"])
+    wanted = study.user_attrs["experiment"]["cells"]
     by_cell: dict[str, optuna.trial.FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.user_attrs.get("cell") in wanted:
             by_cell[t.user_attrs["cell"]] = t
-    return list(by_cell.values())
+    # in the definition's order (the --models / --variants order), not the order they finished
+    return [by_cell[k] for k in dict.fromkeys(wanted) if k in by_cell]
 
 def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, source: str, base: RunSpec,
                storage_url: str | None, results_dir: Path, echo: Callable[[str], None] = print,

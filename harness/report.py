@@ -358,7 +358,9 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
                 if table.std is not None:
                     frame = frame.join(table.std.loc[first].T.add_suffix(" std"))
                 ablation_figure(frame, base.with_name(base.name + "-figure"), f"Ablation of IGR-SR on {first}")
-            made.append((name, base.with_suffix(".tex"), rich_table(table.mean, name)))
+            # many models: one row per model, so the terminal table fits an 80-column screen
+            shown = table.mean.T if table.mean.shape[1] > 5 else table.mean
+            made.append((name, base.with_suffix(".tex"), rich_table(shown, name)))
         elif kind == "robustness":
             tex, frame = robustness_latex(runs, mask, max_len, note)
             base.with_suffix(".tex").write_text(tex)
@@ -386,7 +388,7 @@ def rich_table(frame: pd.DataFrame, title: str):
     for n in names:
         t.add_column(n)
     for c in frame.columns:
-        t.add_column(str(c), justify="right")
+        t.add_column(" ".join(map(str, c)) if isinstance(c, tuple) else str(c), justify="right")
     for idx, row in frame.iterrows():
         keys = idx if isinstance(idx, tuple) else (idx,)
         t.add_row(*[str(k) for k in keys], *[f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v)

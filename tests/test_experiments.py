@@ -129,3 +129,15 @@ def test_seed_sets_the_first_seed_and_a_wider_grid_reuses_its_cells(tmp_path):
                                          str(tmp_path / "s.journal")], terminal_width=200)
     assert elsewhere.exit_code != 0 and "another --results-dir" in elsewhere.output
     assert "Traceback" not in elsewhere.output
+
+
+def test_completed_cells_follow_the_definition_order_not_the_finishing_order():
+    from harness.experiments import completed_cells
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("experiment", {"kind": "compare", "cells": ["gru4rec", "sasrec", "igr-sr"]})
+    for cell in ("igr-sr", "gru4rec", "stale-cell", "sasrec"):  # finished in another order
+        trial = study.ask()
+        trial.set_user_attr("cell", cell)
+        study.tell(trial, 0.1)
+    assert [t.user_attrs["cell"] for t in completed_cells(study)] == ["gru4rec", "sasrec", "igr-sr"]
