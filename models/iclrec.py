@@ -66,6 +66,11 @@ Choices and deviations:
   code uses the item after the training sequence (the validation item); here each row's
   last target (`batch.target`), which leaks nothing.
 - Contrastive similarities are computed in fp32 (concatenated dot products reach thousands).
+
+Seen on Amazon Toys (5 epochs, lr 1e-3, full CE): with both contrastive weights 0 the model is
+SASRec to the digit (test R@10 0.0633 / NDCG@10 0.0309); at 0.01 it learns a little slower; at
+the code's 0.1 the CE stays at ln N (9.38 -> 9.34) and test R@10 is 0.0117 while the two
+contrastive terms fall. Open: whether the original's long runs outgrow this; see issue 5's note.
 """
 from __future__ import annotations
 
