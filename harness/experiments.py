@@ -194,13 +194,14 @@ def experiment_studies(storage) -> list[tuple[str, dict]]:
 
 def completed_cells(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The COMPLETE trial of each cell of the study's latest definition (latest if repeated)."""
-    wanted = study.user_attrs["experiment"]["cells"]
+    order = study.user_attrs["experiment"]["cells"]
+    wanted = set(order)
     by_cell: dict[str, optuna.trial.FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.user_attrs.get("cell") in wanted:
             by_cell[t.user_attrs["cell"]] = t
     # in the definition's order (the --models / --variants order), not the order they finished
-    return [by_cell[k] for k in dict.fromkeys(wanted) if k in by_cell]
+    return [by_cell[k] for k in dict.fromkeys(order) if k in by_cell]
 
 def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, source: str, base: RunSpec,
                storage_url: str | None, results_dir: Path, echo: Callable[[str], None] = print,
@@ -220,16 +221,12 @@ def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, s
         except KeyError as e:
             raise HarnessError(f"--models: {e.args[0]}") from None
     storage = open_storage(storage_url)
+    rates = (0.0, noise) if kind == "robustness" else (0.0,)
+    extra = [{"k": k, "m": m} for k in ks or [] for m in ms or []] if kind == "sensitivity" else None
     # --seed is the first seed: `--seeds 1 --seed 2021` runs one seed's cells (e.g. on a second
     # machine) that a later `--seeds 2` finds done
-    first = base.train.seed
-    if kind == "robustness":
-        cells, notes = grid(models_, datasets, seeds, source, storage, noise=(0.0, noise), first_seed=first)
-    elif kind == "sensitivity":
-        extra = [{"k": k, "m": m} for k in ks or [] for m in ms or []]
-        cells, notes = grid(models_, datasets, seeds, source, storage, extra=extra, first_seed=first)
-    else:
-        cells, notes = grid(models_, datasets, seeds, source, storage, first_seed=first)
+    cells, notes = grid(models_, datasets, seeds, source, storage, noise=rates, extra=extra,
+                        first_seed=base.train.seed)
     for note in notes:
         echo(f"params: {note}")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"
