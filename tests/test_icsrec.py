@@ -295,3 +295,15 @@ def test_study_file_loads():
     assert sf.model == "icsrec"
     assert sf.enqueue[0] == {"intent_num": 256, "lambda_0": 0.3, "beta_0": 0.1, "lr": 1e-3}
     assert {p.name for p in sf.space} == {"intent_num", "lambda_0", "beta_0", "lr"}
+
+
+def test_length_grouped_states_equal_one_padded_pass(data):
+    """The training views are encoded in groups of similar length (the partners' lengths are
+    unrelated to the batch's); the states must be those of one padded pass."""
+    model = build().eval()
+    rows = data.train_rows("prefix")
+    batch = data._train_batch(rows, np.random.default_rng(0).permutation(len(rows))[:48])  # mixed lengths
+    items, lengths = batch.items, batch.lengths
+    assert lengths.min() < items.shape[1]  # some rows are padded, so the grouping cuts something
+    with torch.no_grad():
+        torch.testing.assert_close(model.last_states_by_length(items, lengths), model.user_vector(items, lengths))
