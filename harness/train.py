@@ -153,8 +153,8 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
             if epoch - best_epoch > cfg.patience:  # a resumed run that had already stopped
                 break
             model.train()
+            t0 = time.perf_counter()  # a model's per-epoch preparation (k-means) is training time
             model.on_epoch_start(epoch, data)
-            t0 = time.perf_counter()
             batches = data.train_batches(layout, cfg.batch_size, rng)
             loss_sum, parts_sum, n_seen = 0.0, {}, 0
             display.start_epoch(epoch, len(batches))

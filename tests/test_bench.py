@@ -30,3 +30,14 @@ def test_bench_command_prints_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     for row in ("samples/s", "seconds per epoch", "MFU", "measured matmul peak", "time: backward", "op time"):
         assert row in result.output
+
+
+def test_bench_counts_the_per_epoch_kmeans_in_the_epoch_time(tmp_path):
+    """ICLRec's k-means runs once per epoch, outside the batches: it belongs in s/epoch."""
+    spec = RunSpec(model="iclrec", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "c",
+                   train=TrainConfig(device="cpu", batch_size=64),
+                   params={"hidden": "16", "inner": "32", "num_intents": "4", "kmeans_redo": "1"})
+    r = benchmark(spec, n_batches=2, warmup=1)
+    assert r.epoch_start_seconds > 0
+    batches_only = r.train_seconds / r.samples * r.epoch_samples
+    assert r.seconds_per_epoch == batches_only + r.epoch_start_seconds
