@@ -365,7 +365,8 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
             tex, frame = robustness_latex(runs, mask, max_len, note)
             base.with_suffix(".tex").write_text(tex)
             frame.to_csv(base.with_suffix(".csv"), index=False)
-            made.append((name, base.with_suffix(".tex"), rich_table(frame.set_index(["dataset", "model"]), name)))
+            made.append((name, base.with_suffix(".tex"), rich_table(frame.set_index(["dataset", "model"]), name,
+                                                                   {"noise": ".2f", "drop_pct": ".1f"})))
         elif kind == "sensitivity":
             grid = runs.groupby(["k", "m"])["recall@10"].mean().unstack("m")
             grid.to_csv(base.with_suffix(".csv"))
@@ -380,7 +381,8 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
     return made
 
 
-def rich_table(frame: pd.DataFrame, title: str):
+def rich_table(frame: pd.DataFrame, title: str, formats: dict[str, str] | None = None):
+    """A terminal table of `frame`; floats as .4f unless `formats` names the column's spec."""
     from rich.table import Table as RichTable
 
     t = RichTable(title=title)
@@ -389,8 +391,9 @@ def rich_table(frame: pd.DataFrame, title: str):
         t.add_column(n)
     for c in frame.columns:
         t.add_column(" ".join(map(str, c)) if isinstance(c, tuple) else str(c), justify="right")
+    specs = [(formats or {}).get(c, ".4f") for c in frame.columns]
     for idx, row in frame.iterrows():
         keys = idx if isinstance(idx, tuple) else (idx,)
-        t.add_row(*[str(k) for k in keys], *[f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v)
-                                             for v in row])
+        t.add_row(*[str(k) for k in keys], *[f"{v:{spec}}" if isinstance(v, (float, np.floating)) else str(v)
+                                             for v, spec in zip(row, specs)])
     return t

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 from click.testing import CliRunner
 
 from harness.cli import cli
@@ -86,6 +87,8 @@ def test_robustness_and_report(tmp_path):
     rebuilt = CliRunner().invoke(cli, ["--results-dir", str(tmp_path / "res"), "report", "--storage",
                                        str(tmp_path / "s.journal")], terminal_width=200)
     assert rebuilt.exit_code == 0 and "1 experiment(s) reported" in rebuilt.output
+    drop = pd.read_csv(tmp_path / "res" / "report" / "robustness-synthetic.csv")["drop_pct"].iloc[0]
+    assert f"{drop:.1f}" in rebuilt.output and f"{drop:.4f}" not in rebuilt.output  # a percentage, as one
 
 
 def test_unknown_model_in_an_experiment_is_one_line(tmp_path):
