@@ -47,7 +47,7 @@ Choices (where the code gave no usable answer or this harness differs):
   hashes mod 2^31-1 and 2^31-19 (collision odds ~2^-62 per pair), so a row of a batch, which
   carries no sample id, finds its own history's block by hashing its items. A batch draws
   partners with a few searchsorted calls on the model's device and gathers their histories from
-  a device copy of the item array: no per-sample Python and no I/O (a real epoch has ~929k
+  a device copy of the item array: no per-sample Python and no I/O (Amazon Toys: 109k
   samples).
 - Without an index (on_epoch_start never called with a split, e.g. in unit tests) partners
   come from the batch itself: a random other row with the same target and a different
