@@ -456,21 +456,26 @@ def compare(ctx: click.Context, dataset: str, models_: str, seeds: int, params_s
 @cli.command()
 @click.option("--dataset", required=True)
 @click.option("--noise", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
+@click.option("--noise-on", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True,
+              help="Which histories are perturbed: all (training samples and the validation/test "
+                   "histories), train (evaluation reads clean histories) or eval (clean training, "
+                   "perturbed evaluation histories). Targets are never perturbed.")
 @click.option("--models", "models_", default="sasrec,igr-sr", show_default=True)
 @_SEEDS
 @_PARAMS
 @_STORAGE
 @trainer_options
 @click.pass_context
-def robustness(ctx: click.Context, dataset: str, noise: float, models_: str, seeds: int, params_source: str,
-               storage, **kw) -> None:
-    """Table 3: clean vs noisy training data, Recall@10 and its relative drop (resumable).
+def robustness(ctx: click.Context, dataset: str, noise: float, noise_on: str, models_: str, seeds: int,
+               params_source: str, storage, **kw) -> None:
+    """Table 3: clean vs noisy data, Recall@10 and its relative drop (resumable).
 
     \b
     Example:
       harness robustness --dataset toys --noise 0.2 --models sasrec,igr-sr --seeds 1
     """
-    _experiment(ctx, "robustness", dataset, models_, seeds, params_source, storage, kw, noise=noise)
+    _experiment(ctx, "robustness", dataset, models_, seeds, params_source, storage, kw, noise=noise,
+                noise_on=noise_on)
 
 
 def _ints(value: str, option: str) -> list[int]:

@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.errors import HarnessError
-from harness.runs import RunSpec, run
+from harness.runs import NOISE_ON, RunSpec, run
 from harness.studies import (TRAINER_KEYS, artifact_store, first_line, load_study_file, open_storage,
                              process_alive, store_record, study_file_for, this_worker)
 
@@ -41,6 +41,7 @@ class Cell:
     seed: int
     params: tuple[tuple[str, Any], ...] = ()
     noise: float = 0.0
+    noise_on: str = "all"  # which histories carry the noise (RunSpec.noise_on); only with noise
 
     @property
     def label(self) -> str:
@@ -48,8 +49,11 @@ class Cell:
 
     def key(self, train: dict) -> str:
         """Everything that defines the run (trainer settings included)."""
-        return json.dumps({"model": self.model, "dataset": self.dataset, "seed": self.seed,
-                           "params": dict(self.params), "noise": self.noise, "train": train}, sort_keys=True)
+        key = {"model": self.model, "dataset": self.dataset, "seed": self.seed,
+               "params": dict(self.params), "noise": self.noise, "train": train}
+        if self.noise and self.noise_on != "all":  # the default stays out: keys of older studies hold
+            key["noise_on"] = self.noise_on
+        return json.dumps(key, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------ params
@@ -108,7 +112,7 @@ def _toml(path: Path) -> dict:
 
 def grid(models_: list[str], datasets: list[str], seeds: int, source: str, storage,
          noise: tuple[float, ...] = (0.0,), extra: list[dict] | None = None,
-         first_seed: int = 2020) -> tuple[list[Cell], list[str]]:
+         first_seed: int = 2020, noise_on: str = "all") -> tuple[list[Cell], list[str]]:
     """The cells: models x datasets x extra params x noise rates x seeds first_seed, first_seed + 1, ..."""
     cells, notes = [], []
     for dataset in datasets:
@@ -118,20 +122,23 @@ def grid(models_: list[str], datasets: list[str], seeds: int, source: str, stora
             for more in extra or [{}]:
                 merged = tuple(sorted({**params, **more}.items()))
                 for rate in noise:
-                    cells += [Cell(model, dataset, first_seed + s, merged, rate) for s in range(seeds)]
+                    cells += [Cell(model, dataset, first_seed + s, merged, rate, noise_on if rate else "all")
+                              for s in range(seeds)]
     return cells, notes
 
 
 # ------------------------------------------------------------------------------------ running
 
 def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, storage_url: str | None,
-                   results_dir: Path, notes: list[str], echo: Callable[[str], None] = print) -> optuna.Study:
+                   results_dir: Path, notes: list[str], echo: Callable[[str], None] = print,
+                   noise_on: str = "all") -> optuna.Study:
     """Run every cell not yet COMPLETE in study `name`; return the study."""
     storage = open_storage(storage_url)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     train = {k: v for k, v in dataclasses.asdict(base.train).items() if k not in ("device", "eval_batch_size", "seed")}
     keys = [c.key(train) for c in cells]
-    study.set_user_attr("experiment", {"kind": kind, "cells": keys, "notes": notes, "train": train})
+    study.set_user_attr("experiment", {"kind": kind, "cells": keys, "notes": notes, "train": train,
+                                       "noise_on": noise_on})
     _fail_dead_trials(study, echo)
     done = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     todo = [(c, k) for c, k in zip(cells, keys) if k not in done]
@@ -144,14 +151,17 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
         # the cell as a user attr, not params: one-choice categoricals that differ between
         # trials of one study are refused by Optuna ("dynamic value space")
         trial.set_user_attr("cell_info", {"model": cell.model, "dataset": cell.dataset, "seed": cell.seed,
-                                          "noise": cell.noise, "params": dict(cell.params)})
+                                          "noise": cell.noise, "noise_on": cell.noise_on,
+                                          "params": dict(cell.params)})
         values = dict(cell.params)
         spec = dataclasses.replace(
             base, model=cell.model, dataset=cell.dataset, noise=cell.noise, noise_seed=cell.seed,
+            noise_on=cell.noise_on,
             train=dataclasses.replace(base.train, seed=cell.seed, **{k: v for k, v in values.items() if k in TRAINER_KEYS}),
             params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
         echo(f"[{i}/{len(todo)}] {cell.label} on {cell.dataset} seed {cell.seed}"
-             + (f" noise {cell.noise:g}" if cell.noise else ""))
+             + (f" noise {cell.noise:g}" if cell.noise else "")
+             + (f" (in {cell.noise_on} histories)" if cell.noise and cell.noise_on != "all" else ""))
         try:
             record = run(spec, progress=False)
             store_record(trial, record, store)
@@ -206,7 +216,7 @@ def completed_cells(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, source: str, base: RunSpec,
                storage_url: str | None, results_dir: Path, echo: Callable[[str], None] = print,
                noise: float = 0.2, ks: list[int] | None = None, ms: list[int] | None = None,
-               name: str | None = None) -> tuple[str, list]:
+               name: str | None = None, noise_on: str = "all") -> tuple[str, list]:
     """Build the grid of one experiment, run its missing cells, then write its report.
     Returns the study name and the report's (name, tex path, rich table) entries."""
     import models
@@ -225,11 +235,13 @@ def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, s
     extra = [{"k": k, "m": m} for k in ks or [] for m in ms or []] if kind == "sensitivity" else None
     # --seed is the first seed: `--seeds 1 --seed 2021` runs one seed's cells (e.g. on a second
     # machine) that a later `--seeds 2` finds done
+    if noise_on not in NOISE_ON:
+        raise HarnessError(f"--noise-on {noise_on!r}: choose from {', '.join(NOISE_ON)}")
     cells, notes = grid(models_, datasets, seeds, source, storage, noise=rates, extra=extra,
-                        first_seed=base.train.seed)
+                        first_seed=base.train.seed, noise_on=noise_on)
     for note in notes:
         echo(f"params: {note}")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"
-    run_experiment(kind, name, cells, base, storage_url, results_dir, notes, echo)
+    run_experiment(kind, name, cells, base, storage_url, results_dir, notes, echo, noise_on=noise_on)
     made = [m for m in build_report(storage_url, results_dir, results_dir / "report") if m[0] == name]
     return name, made

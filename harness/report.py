@@ -300,8 +300,18 @@ def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, m
 LABELS_PROPOSED = {"IGR-SR"}
 
 
+NOISE_CAPTIONS = {
+    "all": "Noise: that fraction of the items before each user's validation target replaced by random "
+           "items, in the training samples and in the histories read at validation and test; targets untouched.",
+    "train": "Noise: that fraction of the items before each user's validation target replaced by random "
+             "items in the training samples only; validation and test read the clean histories and targets.",
+    "eval": "Noise: training on clean data; that fraction of the items before each user's validation target "
+            "replaced by random items in the histories read at validation and test; targets untouched.",
+}
+
+
 def robustness_latex(runs: pd.DataFrame, mask_history: bool, max_len: int = 50,
-                     note: str = "") -> tuple[str, pd.DataFrame]:
+                     note: str = "", noise_on: str = "all") -> tuple[str, pd.DataFrame]:
     """Table 3: clean vs noisy Recall@10 and the relative drop, per dataset and model."""
     rows = []
     for (dataset, label), g in runs.groupby(["dataset", "label"], sort=False):
@@ -314,10 +324,9 @@ def robustness_latex(runs: pd.DataFrame, mask_history: bool, max_len: int = 50,
     frame = pd.DataFrame(rows)
     seeds = int(runs.groupby(["dataset", "label", "noise"])["seed"].nunique().max()) if len(runs) else 0
     lines = [r"\begin{table}[t]", r"\centering",
-             rf"\caption{{Robustness: Recall@10 on clean and noisy training data (relative drop). "
+             rf"\caption{{Robustness: Recall@10 on clean and noisy data (relative drop). "
              rf"{protocol_caption(seeds=seeds, mask_history=mask_history, max_len=max_len).split(' Best in bold')[0]} "
-             r"Noise: that fraction of training items replaced by random items; validation and test "
-             rf"targets untouched. {note}".rstrip() + "}", r"\label{tab:robustness}", r"\begin{tabular}{llcc}", r"\toprule",
+             rf"{NOISE_CAPTIONS[noise_on]} {note}".rstrip() + "}", r"\label{tab:robustness}", r"\begin{tabular}{llcc}", r"\toprule",
              r"Dataset & Method & Clean & Noisy \\", r"\midrule"]
     for _, r in frame.iterrows():
         lines.append(rf"{latex_escape(str(r['dataset']))} & {latex_escape(str(r['model']))} & {r['clean']:.4f} & "
@@ -362,7 +371,7 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
             shown = table.mean.T if table.mean.shape[1] > 5 else table.mean
             made.append((name, base.with_suffix(".tex"), rich_table(shown, name)))
         elif kind == "robustness":
-            tex, frame = robustness_latex(runs, mask, max_len, note)
+            tex, frame = robustness_latex(runs, mask, max_len, note, exp.get("noise_on", "all"))
             base.with_suffix(".tex").write_text(tex)
             frame.to_csv(base.with_suffix(".csv"), index=False)
             made.append((name, base.with_suffix(".tex"), rich_table(frame.set_index(["dataset", "model"]), name,

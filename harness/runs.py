@@ -22,6 +22,8 @@ from harness.data.split import LeaveOneOut
 from harness.errors import HarnessError
 from harness.train import EpochCallback, FitResult, TrainConfig, fit, resolve_device, seed_everything
 
+NOISE_ON = ("all", "train", "eval")
+
 
 @dataclass
 class RunSpec:
@@ -35,6 +37,10 @@ class RunSpec:
     lid_patience: int = 10
     noise: float = 0.0  # fraction of training items replaced at random (robustness experiment)
     noise_seed: int = 0
+    # which histories carry the noise: "all" (the perturbed file is the dataset: training samples
+    # and the validation/test histories), "train" (evaluation reads the clean histories) or
+    # "eval" (training on clean data, evaluation reads the perturbed histories)
+    noise_on: str = "all"
 
 
 @dataclass
@@ -60,13 +66,17 @@ class RunRecord:
 
 
 def load_data(spec: RunSpec) -> LeaveOneOut:
+    if spec.noise_on not in NOISE_ON:
+        raise HarnessError(f"noise on {spec.noise_on!r}: choose from {', '.join(NOISE_ON)}")
     seqs = datasets.load(spec.dataset, spec.data_dir, spec.cache_dir)
-    if spec.noise > 0:
-        from harness.data.noise import noisy_file
+    if spec.noise == 0:
+        return LeaveOneOut(seqs, max_len=spec.train.max_len)
+    from harness.data.noise import noisy_file
 
-        seqs = datasets.load(str(noisy_file(seqs, spec.noise, spec.noise_seed, spec.cache_dir)),
-                             spec.data_dir, spec.cache_dir)
-    return LeaveOneOut(seqs, max_len=spec.train.max_len)
+    noisy = datasets.load(str(noisy_file(seqs, spec.noise, spec.noise_seed, spec.cache_dir)),
+                          spec.data_dir, spec.cache_dir)
+    train, evaluated = {"all": (noisy, None), "train": (noisy, seqs), "eval": (seqs, noisy)}[spec.noise_on]
+    return LeaveOneOut(train, max_len=spec.train.max_len, eval_data=evaluated)
 
 
 def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
@@ -108,6 +118,9 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
                             max_len=spec.train.max_len, mask_history=False)
     recipe = {k: v for k, v in dataclasses.asdict(lid_train).items()
               if k not in ("device", "eval_batch_size")}
+    # pre-trained on the training data alone, early-stopped on that data's own validation
+    # histories, so one encoder serves every evaluation reading of the same training data
+    lid_data = data.training_only()
 
     def pretrain(encoder) -> dict:
         if progress:
@@ -115,11 +128,11 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
 
             Console(stderr=True).print(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) "
                                        f"on {spec.dataset}; cached for later runs")
-        result = fit(encoder, data, lid_train, progress=progress)
+        result = fit(encoder, lid_data, lid_train, progress=progress)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run}
 
-    encoder, info, cached = pretrained_lid(spec.cache_dir, data.data.content_hash, enc_cfg, data.n_items,
+    encoder, info, cached = pretrained_lid(spec.cache_dir, lid_data.data.content_hash, enc_cfg, data.n_items,
                                            recipe, pretrain)
     return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
 
@@ -142,7 +155,7 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
     checkpoint = resume_path(spec, data, model_cfg) if resume else None
     result: FitResult = fit(model, data, spec.train, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint)
     return RunRecord(
-        model=spec.model, dataset=spec.dataset, data_hash=data.data.content_hash, seed=spec.train.seed,
+        model=spec.model, dataset=spec.dataset, data_hash=data.content_key, seed=spec.train.seed,
         model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(spec.train),
         result=result.summary(), lid=lid_info, environment=env,
         started=started.isoformat(timespec="seconds"),
@@ -154,7 +167,7 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
 def resume_path(spec: RunSpec, data: LeaveOneOut, model_cfg) -> Path:
     import hashlib
 
-    key = json.dumps({"model": spec.model, "data": data.data.content_hash, "config": dataclasses.asdict(model_cfg),
+    key = json.dumps({"model": spec.model, "data": data.content_key, "config": dataclasses.asdict(model_cfg),
                       "train": {k: v for k, v in dataclasses.asdict(spec.train).items() if k != "eval_batch_size"},
                       "lid": [spec.lid_epochs, spec.lid_patience]}, sort_keys=True)
     return spec.cache_dir / "resume" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"  # data hash covers noise

@@ -2,6 +2,7 @@
 and the report built from stored runs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from harness.cli import cli
 from harness.data.noise import perturb, training_positions
 from harness.data.registry import load
+from harness.data.split import LeaveOneOut
+from harness.runs import RunSpec, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--lid-epochs", "1", "--device", "cpu", "--params", "paper"]
@@ -91,6 +95,51 @@ def test_robustness_and_report(tmp_path):
     assert f"{drop:.1f}" in rebuilt.output and f"{drop:.4f}" not in rebuilt.output  # a percentage, as one
 
 
+@pytest.mark.parametrize("noise_on, trained_on, evaluated_on", [("all", "noisy", "noisy"),
+                                                                ("train", "noisy", "clean"),
+                                                                ("eval", "clean", "noisy")])
+def test_noise_on_picks_which_histories_are_perturbed(tmp_path, noise_on, trained_on, evaluated_on):
+    spec = RunSpec(model="sasrec", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "c",
+                   noise=0.3, noise_seed=1, noise_on=noise_on)
+    split = load_data(spec)
+    clean = load("synthetic", tmp_path, tmp_path / "c")
+    noisy, _ = perturb(clean, 0.3, seed=1)
+    expect = {"clean": clean.items, "noisy": noisy}
+    assert np.array_equal(split.flat, expect[trained_on])  # what the training batches read
+    batch = next(split.eval_batches("test", batch_size=clean.n_users))
+    hist_end = clean.offsets[1:][batch.users.numpy()] - 1
+    first = hist_end - batch.lengths.numpy()
+    read = np.array([expect[evaluated_on][a:b] for a, b in zip(first[:5], first[:5] + batch.lengths.numpy()[:5])],
+                    dtype=object)
+    for row, items, n in zip(batch.items.numpy()[:5], read, batch.lengths.numpy()[:5]):
+        assert np.array_equal(row[:n], items)
+    assert np.array_equal(batch.target.numpy(), clean.items[hist_end])  # targets never perturbed
+    if noise_on != "all":  # a different evaluation makes a different run: keys must differ
+        assert split.content_key != LeaveOneOut(split.data).content_key
+
+
+def test_eval_data_must_be_a_version_of_the_training_data(tmp_path):
+    clean = load("synthetic", tmp_path, tmp_path / "c")
+    moved = clean.items.copy()
+    moved[clean.offsets[1] - 1] = moved[clean.offsets[1] - 1] % clean.n_items + 1  # user 0's test target
+    with pytest.raises(ValueError, match="not a version of"):
+        LeaveOneOut(clean, eval_data=dataclasses.replace(clean, items=moved))
+    noisy, _ = perturb(clean, 0.5, seed=0)  # histories may differ, targets may not
+    LeaveOneOut(clean, eval_data=dataclasses.replace(clean, items=noisy))
+
+
+def test_robustness_noise_on_train_reuses_the_clean_cells_and_says_so(tmp_path):
+    base = ["--results-dir", str(tmp_path / "res"), "robustness", "--dataset", "synthetic", "--models", "sasrec",
+            "--noise", "0.3", "--seeds", "1", "--storage", str(tmp_path / "s.journal"), *TINY]
+    env = {"HARNESS_CACHE_DIR": str(tmp_path / "c")}
+    assert CliRunner().invoke(cli, base, env=env).exit_code == 0
+    result = CliRunner().invoke(cli, base + ["--noise-on", "train"], env=env, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 cells already done; running 1" in result.output  # the clean cell is the same run
+    tex = (tmp_path / "res" / "report" / "robustness-synthetic.tex").read_text()
+    assert "in the training samples only" in tex
+
+
 def test_unknown_model_in_an_experiment_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--dataset", "synthetic", "--models", "sasrec,nosuch",
                                       "--storage", str(tmp_path / "s.journal"), *TINY])
@@ -144,3 +193,17 @@ def test_completed_cells_follow_the_definition_order_not_the_finishing_order():
         trial.set_user_attr("cell", cell)
         study.tell(trial, 0.1)
     assert [t.user_attrs["cell"] for t in completed_cells(study)] == ["gru4rec", "sasrec", "igr-sr"]
+
+
+def test_lid_is_pretrained_on_the_training_data_whatever_the_evaluation_reads(tmp_path):
+    """noise on "all" and on "train" train on the same noisy data: one cached LID serves both."""
+    from harness.runs import build_model
+
+    keys = {}
+    for noise_on in ("all", "train"):
+        spec = RunSpec(model="igr-sr", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "c",
+                       noise=0.3, noise_on=noise_on, lid_epochs=1,
+                       params={"d_l": "8", "k": "2", "m": "1", "hidden": "16", "inner": "32"})
+        _, _, lid = build_model(spec, load_data(spec), progress=False)
+        keys[noise_on] = (lid["key"], lid["cached"])
+    assert keys["all"][0] == keys["train"][0] and keys["train"][1] is True

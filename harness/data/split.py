@@ -65,9 +65,14 @@ class Rows:
 
 
 class LeaveOneOut:
-    """A dataset split for training and full-ranking evaluation."""
+    """A dataset split for training and full-ranking evaluation.
 
-    def __init__(self, data: SequenceData, max_len: int = 50):
+    `eval_data`, when given, is another version of the same sequences (same users, lengths
+    and validation/test targets, e.g. the clean data beside a noisy copy) whose histories the
+    evaluation reads instead: the robustness experiment's "noise in training only" and "noise at
+    evaluation only" readings."""
+
+    def __init__(self, data: SequenceData, max_len: int = 50, eval_data: SequenceData | None = None):
         self.data = data
         self.max_len = max_len
         self.n_items = data.n_items
@@ -77,6 +82,26 @@ class LeaveOneOut:
         self.train_len = data.lengths() - 2  # items before the validation target
         self._flat_t = torch.from_numpy(self.flat)
         self._rows: dict[str, Rows] = {}
+        self.eval_data = eval_data
+        self.eval_flat = data.items if eval_data is None else eval_data.items
+        if eval_data is not None:
+            last_two = np.concatenate([data.offsets[1:] - 2, data.offsets[1:] - 1])
+            if (not np.array_equal(eval_data.offsets, data.offsets) or eval_data.n_items != data.n_items
+                    or not np.array_equal(eval_data.items[last_two], data.items[last_two])):
+                raise ValueError(f"evaluation data {eval_data.source or '?'} is not a version of "
+                                 f"{data.source or 'the training data'}: users, lengths or targets differ")
+
+    @property
+    def content_key(self) -> str:
+        """What the split's results depend on: the data's content hash, and the evaluation
+        data's too when it differs."""
+        if self.eval_data is None:
+            return self.data.content_hash
+        return f"{self.data.content_hash}+eval:{self.eval_data.content_hash}"
+
+    def training_only(self) -> "LeaveOneOut":
+        """The split of the training data alone (evaluation reads its own histories)."""
+        return self if self.eval_data is None else LeaveOneOut(self.data, self.max_len)
 
     # ---------------------------------------------------------------- training rows
     def train_rows(self, layout: str) -> Rows:
@@ -153,8 +178,8 @@ class LeaveOneOut:
             L = int(length.max())
             pos = np.arange(L)
             real = pos[None, :] < length[:, None]
-            items = np.where(real, self.flat[np.where(real, start[:, None] + pos[None, :], 0)], 0)
-            target = self.flat[hist_end[u]]
+            items = np.where(real, self.eval_flat[np.where(real, start[:, None] + pos[None, :], 0)], 0)
+            target = self.eval_flat[hist_end[u]]
             yield Batch(*(torch.from_numpy(a) for a in
                           (items, length, np.zeros_like(items), target, u)))
 
@@ -166,4 +191,4 @@ class LeaveOneOut:
         rows = np.repeat(np.arange(users.size), n)
         first = np.cumsum(n) - n
         idx = np.arange(rows.size) - np.repeat(first, n) + np.repeat(start, n)
-        return rows, self.flat[idx]
+        return rows, self.eval_flat[idx]
