@@ -161,7 +161,7 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
             params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
         echo(f"[{i}/{len(todo)}] {cell.label} on {cell.dataset} seed {cell.seed}"
              + (f" noise {cell.noise:g}" if cell.noise else "")
-             + (f" (in {cell.noise_on} histories)" if cell.noise and cell.noise_on != "all" else ""))
+             + (f" ({cell.noise_on} histories only)" if cell.noise and cell.noise_on != "all" else ""))
         try:
             record = run(spec, progress=False)
             store_record(trial, record, store)
