@@ -130,13 +130,13 @@ def grid(models_: list[str], datasets: list[str], seeds: int, source: str, stora
 # ------------------------------------------------------------------------------------ running
 
 def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, storage_url: str | None,
-                   results_dir: Path, notes: list[str], echo: Callable[[str], None] = print,
-                   noise_on: str = "all") -> optuna.Study:
+                   results_dir: Path, notes: list[str], echo: Callable[[str], None] = print) -> optuna.Study:
     """Run every cell not yet COMPLETE in study `name`; return the study."""
     storage = open_storage(storage_url)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     train = {k: v for k, v in dataclasses.asdict(base.train).items() if k not in ("device", "eval_batch_size", "seed")}
     keys = [c.key(train) for c in cells]
+    noise_on = next((c.noise_on for c in cells if c.noise), "all")  # the noisy cells' reading, for captions
     study.set_user_attr("experiment", {"kind": kind, "cells": keys, "notes": notes, "train": train,
                                        "noise_on": noise_on})
     _fail_dead_trials(study, echo)
@@ -242,6 +242,6 @@ def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, s
     for note in notes:
         echo(f"params: {note}")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"
-    run_experiment(kind, name, cells, base, storage_url, results_dir, notes, echo, noise_on=noise_on)
+    run_experiment(kind, name, cells, base, storage_url, results_dir, notes, echo)
     made = [m for m in build_report(storage_url, results_dir, results_dir / "report") if m[0] == name]
     return name, made
