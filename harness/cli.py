@@ -60,6 +60,9 @@ def trainer_options(f):
         click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
         click.option("--seed", type=int, default=2020, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     help="Training precision: bf16 autocast (fp32 weights and optimizer) or fp32; auto picks "
+                          "what the hardware does best. Evaluation always ranks in fp32."),
         click.option("--mask-history", is_flag=True, help="Exclude each user's history items from the ranking."),
         click.option("--max-len", type=click.IntRange(min=1), default=50, show_default=True,
                      help="History length (most recent items)."),
@@ -74,11 +77,13 @@ def trainer_options(f):
 
 
 def train_config(kw: dict):
-    from harness.train import TrainConfig
+    from harness.train import TrainConfig, resolve_precision
 
+    # the resolved precision ("fp32"/"bf16", never "auto") is what run records and study keys store
     return TrainConfig(epochs=kw["epochs"], patience=kw["patience"], batch_size=kw["batch_size"], lr=kw["lr"],
                        weight_decay=kw["weight_decay"], seed=kw["seed"], device=kw["device"],
-                       mask_history=kw["mask_history"], max_len=kw["max_len"])
+                       mask_history=kw["mask_history"], max_len=kw["max_len"],
+                       precision=resolve_precision(kw["precision"], kw["device"]))
 
 
 def run_spec(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], kw: dict):
