@@ -20,7 +20,8 @@ from harness import config as config_mod
 from harness.data import registry as datasets
 from harness.data.split import LeaveOneOut
 from harness.errors import HarnessError
-from harness.train import EpochCallback, FitResult, TrainConfig, fit, resolve_device, seed_everything
+from harness.train import (EpochCallback, FitResult, TrainConfig, fit, resolve_device, resolve_precision,
+                           seed_everything)
 
 NOISE_ON = ("all", "train", "eval")
 
@@ -113,9 +114,10 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     enc_cfg = lid_encoder_config(model_cfg.d_l, model_cfg)
     # The LID's own recipe: SASRec's defaults, never the IGR-SR run's lr / batch size / weight
     # decay (a tuning trial that samples lr must not pre-train, and cache, its own encoder).
+    # The run's precision is the LID's too (a bf16 encoder is another encoder: it is in the key).
     lid_train = TrainConfig(epochs=spec.lid_epochs, patience=spec.lid_patience, seed=spec.train.seed,
                             device=spec.train.device, eval_batch_size=spec.train.eval_batch_size,
-                            max_len=spec.train.max_len, mask_history=False)
+                            max_len=spec.train.max_len, mask_history=False, precision=spec.train.precision)
     recipe = {k: v for k, v in dataclasses.asdict(lid_train).items()
               if k not in ("device", "eval_batch_size")}
     # pre-trained on the training data alone, early-stopped on that data's own validation
@@ -144,7 +146,7 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
     where it stopped instead of starting over."""
     started = dt.datetime.now(dt.timezone.utc)
     env = environment()  # now: the code that runs is the code checked out at the start
-    resolve_device(spec.train.device)  # fail on a bad --device before any work
+    resolve_precision(spec.train.precision, resolve_device(spec.train.device))  # bad --device/--precision: fail first
     data = load_data(spec)
     if progress:
         from rich.console import Console

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.losses import item_scores, linear_cross_entropy
+
 
 class SequentialRecommender(nn.Module):
     layout: str = "sequence"
@@ -106,11 +108,10 @@ class NextItemModel(SequentialRecommender):
     def loss(self, batch) -> dict[str, torch.Tensor]:
         h = self.encode(batch.items)
         has_target = batch.targets > 0
-        logits = h[has_target] @ self.item_emb.weight.T
-        return {"loss": F.cross_entropy(logits, batch.targets[has_target])}
+        return {"loss": linear_cross_entropy(h[has_target], self.item_emb.weight, batch.targets[has_target])}
 
     def scores(self, batch) -> torch.Tensor:
-        return last_position(self.encode(batch.items), batch.lengths) @ self.item_emb.weight.T
+        return item_scores(last_position(self.encode(batch.items), batch.lengths), self.item_emb.weight)
 
 
 def last_position(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,10 @@ def last_position(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE over the batch: row i of `a` should match row i of `b` (cosine / tau)."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / tau
-    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+    """InfoNCE over the batch: row i of `a` should match row i of `b` (cosine / tau). In fp32
+    outside any autocast: cosines / a small tau are logits whose bf16 rounding would swamp the
+    differences between near neighbours."""
+    with torch.autocast(a.device.type, enabled=False):
+        logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / tau
+        return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
 

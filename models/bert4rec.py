@@ -40,10 +40,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.base import SequentialRecommender, init_weights
+from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
 
@@ -104,8 +104,8 @@ class BERT4Rec(SequentialRecommender):
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Scores of item ids 0..n_items (never the mask token) for states h (..., d)."""
-        return self.head(h) @ self.item_emb.weight[: self.n_items + 1].T + self.out_bias
+        """Scores of item ids 0..n_items (never the mask token) for states h (..., d), fp32."""
+        return item_scores(self.head(h), self.item_emb.weight[: self.n_items + 1], self.out_bias)
 
     def mask(self, seq: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cloze masking of right-padded rows: (masked input, labels with 0 where no loss)."""
@@ -125,7 +125,8 @@ class BERT4Rec(SequentialRecommender):
         chosen = labels > 0
         if not chosen.any():  # no position drew a mask (tiny batches only): nothing to learn
             return {"loss": h.sum() * 0.0}
-        return {"loss": F.cross_entropy(self.logits(h[chosen]), labels[chosen])}
+        return {"loss": linear_cross_entropy(self.head(h[chosen]), self.item_emb.weight[: self.n_items + 1],
+                                             labels[chosen], bias=self.out_bias)}
 
     def scores(self, batch) -> torch.Tensor:
         token = torch.full_like(batch.lengths, self.mask_token)

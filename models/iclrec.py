@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 
 from models.kmeans import assign, kmeans
+from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRec, SASRecConfig
 
 AUGMENTATIONS = ("random", "crop", "mask", "reorder")
@@ -280,7 +281,7 @@ class ICLRec(SASRec):
         cfg = self.cfg
         h = self.encode(batch.items)
         has_target = batch.targets > 0
-        ce = F.cross_entropy(h[has_target] @ self.item_emb.weight.T, batch.targets[has_target])
+        ce = linear_cross_entropy(h[has_target], self.item_emb.weight, batch.targets[has_target])
         zero = ce.new_zeros(())
         seq_cl, intent_cl = zero, zero
         use_seq, use_intent = cfg.cf_weight > 0, self.intents_active

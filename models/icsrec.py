@@ -82,6 +82,7 @@ from torch import nn
 
 from models.base import SequentialRecommender, init_weights, last_position
 from models.kmeans import assign, kmeans
+from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRecConfig
 
 _P1, _P2 = 2147483647, 2147483629  # primes < 2^31: products with item ids stay inside int64
@@ -240,7 +241,7 @@ class ICSRec(SequentialRecommender):
         return torch.cat(states)[torch.argsort(order)]
 
     def scores(self, batch) -> torch.Tensor:
-        return self.user_vector(batch.items, batch.lengths) @ self.item_emb.weight.T
+        return item_scores(self.user_vector(batch.items, batch.lengths), self.item_emb.weight)
 
     # ------------------------------------------------------------------------------ partners
     def partners(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,7 +331,7 @@ class ICSRec(SequentialRecommender):
         B = items.shape[0]
         zero = items.new_zeros((), dtype=torch.float)
         if cfg.lambda_0 == 0 and cfg.beta_0 == 0:
-            ce = F.cross_entropy(self.scores(batch), batch.target)
+            ce = linear_cross_entropy(self.user_vector(items, lengths), self.item_emb.weight, batch.target)
             return {"loss": ce, "ce": ce.detach(), "coarse_cl": zero, "fine_cl": zero}
         p_items, p_len, _ = self.partners(batch)
         W = max(items.shape[1], p_items.shape[1])
@@ -339,7 +340,7 @@ class ICSRec(SequentialRecommender):
         view_len = torch.cat([lengths, lengths, p_len])
         h = self.last_states_by_length(views, view_len)
         rec, v1, v2 = h[:B], h[B:2 * B], h[2 * B:]
-        ce = F.cross_entropy(rec @ self.item_emb.weight.T, batch.target)
+        ce = linear_cross_entropy(rec, self.item_emb.weight, batch.target)
         coarse = nt_xent(v1, v2, cfg.temperature, cfg.sim, batch.target if cfg.f_neg else None)
         fine = zero
         if self.intents is not None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from models.base import (CrossAttention, FeedForward, SelfAttention, SequentialRecommender,
                          info_nce, init_weights, last_position)
+from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import SASRec
 
 
@@ -162,12 +163,12 @@ class IGRSR(SequentialRecommender):
         t_d = self.intents(items, lengths)
         W = self.item_emb.weight
         if t_d is None or not self.icr_active:
-            return {"loss": F.cross_entropy(self.reason(items, lengths, t_d) @ W.T, target)}
+            return {"loss": linear_cross_entropy(self.reason(items, lengths, t_d), W, target)}
         B = items.shape[0]
         # both masked views in one pass over a doubled batch
         views = torch.cat([F.dropout(t_d, self.cfg.p_mask, True), F.dropout(t_d, self.cfg.p_mask, True)])
         h = self.reason(items.repeat(2, 1), lengths.repeat(2), views)
-        ce = F.cross_entropy(h @ W.T, target.repeat(2))
+        ce = linear_cross_entropy(h, W, target.repeat(2))
         cl = info_nce(h[:B], h[B:], self.cfg.tau)
         return {"loss": ce + self.cfg.cl_weight * cl, "ce": ce.detach(), "cl": cl.detach()}
 
@@ -177,4 +178,4 @@ class IGRSR(SequentialRecommender):
 
     def scores(self, batch) -> torch.Tensor:
         h = self.reason(batch.items, batch.lengths, self.intents(batch.items, batch.lengths))
-        return h @ self.item_emb.weight.T
+        return item_scores(h, self.item_emb.weight)

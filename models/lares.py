@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import SequentialRecommender, info_nce, init_weights, last_position
+from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
 AGGREGATES = ("add", "concat")
@@ -173,7 +174,7 @@ class LARES(SequentialRecommender):
         thoughts = self.reason(h.repeat(views, 1, 1) if views > 1 else h)  # (k, views*B, L, d)
         steps = thoughts[:, :B][:, has_target]  # (k, N, d): the first trajectory's thoughts
         final = steps[-1]
-        ce = F.cross_entropy(final @ self.item_emb.weight.T, target)
+        ce = linear_cross_entropy(final, self.item_emb.weight, target)
         loss, out = ce, {"ce": ce.detach()}
         with torch.autocast(final.device.type, enabled=False):  # cosine / 0.1: keep fp32
             if traj_on:
@@ -189,7 +190,7 @@ class LARES(SequentialRecommender):
         return {"loss": loss, **out}
 
     def scores(self, batch) -> torch.Tensor:
-        return last_position(self.encode(batch.items), batch.lengths) @ self.item_emb.weight.T
+        return item_scores(last_position(self.encode(batch.items), batch.lengths), self.item_emb.weight)
 
 
 def sup_con(z: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import SequentialRecommender, init_weights, last_position
+from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
 
@@ -165,12 +166,16 @@ class ReaRec(SequentialRecommender):
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.item_emb.weight.T / self.cfg.temperature
 
+    def item_ce(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """CE of `item_logits(h)` (h (R, d)), fused: the logits are never kept."""
+        return linear_cross_entropy(h / self.cfg.temperature, self.item_emb.weight, target)
+
     def user_vector(self, o: torch.Tensor) -> torch.Tensor:  # pragma: no cover - subclasses
         raise NotImplementedError
 
     def scores(self, batch) -> torch.Tensor:
         o, _ = self.reason(batch.items, batch.lengths)
-        return self.item_logits(self.user_vector(o))
+        return item_scores(self.user_vector(o), self.item_emb.weight) / self.cfg.temperature
 
 
 class ReaRecERL(ReaRec):
@@ -184,9 +189,9 @@ class ReaRecERL(ReaRec):
     def loss(self, batch) -> dict[str, torch.Tensor]:
         o, _ = self.reason(batch.items, batch.lengths)
         if self.cfg.kl_weight == 0:
-            return {"loss": F.cross_entropy(self.item_logits(self.user_vector(o)), batch.target)}
-        step_logits = self.item_logits(o)  # (B, K+1, N); their mean is the mean vector's logits
-        ce = F.cross_entropy(step_logits.mean(dim=1), batch.target)
+            return {"loss": self.item_ce(self.user_vector(o), batch.target)}
+        ce = self.item_ce(self.user_vector(o), batch.target)  # the mean vector's logits = the steps' mean
+        step_logits = self.item_logits(o)  # (B, K+1, N)
         kl = pairwise_kl(step_logits)
         return {"loss": ce - self.cfg.kl_weight * kl, "ce": ce.detach(), "kl": kl.detach()}
 
@@ -228,11 +233,12 @@ class ReaRecPRL(ReaRec):
         K = cfg.reason_steps
         o, noisy = self.reason(batch.items, batch.lengths, noise=cfg.noise if self.contrastive_active else 0.0)
         target = batch.target
-        ce = F.cross_entropy(self.item_logits(o[:, -1]), target)
+        ce = self.item_ce(o[:, -1], target)
         # earlier steps k = 0..K-1 at temperature tau * alpha^(K-k): softer targets early on
+        # (dividing the logits by a scale = dividing the state by it: the product is linear)
         scale = cfg.temp_scale ** torch.arange(K, 0, -1, device=o.device, dtype=o.dtype)
-        early = self.item_logits(o[:, :-1]) / scale[None, :, None]
-        pl = F.cross_entropy(early.reshape(-1, early.shape[-1]), target.repeat_interleave(K))
+        early = o[:, :-1] / scale[None, :, None]
+        pl = self.item_ce(early.reshape(-1, early.shape[-1]), target.repeat_interleave(K))
         out = {"ce": ce.detach(), "pl": pl.detach()}
         loss = ce + cfg.pl_weight * pl
         if noisy is not None:

@@ -1,0 +1,107 @@
+"""The output layer's loss, fused: full-softmax cross-entropy of `h @ weight.T (+ bias)` with
+its gradients made in the same pass, so the (rows x items) logits never go through autograd.
+
+Why: for every model here the output layer (each sample scored against all ~12k items) is most
+of an epoch's FLOPs, and `F.cross_entropy` on autograd-tracked logits is memory-bound: it keeps
+the logits, upcasts them, writes log-probabilities, and its backward reads and writes the whole
+matrix again before the two matmuls. Here a block of rows is scored (one matmul), turned into
+probabilities by one native softmax, and at once into the gradient of the logits (softmax minus
+the one-hot target), in place; the two gradient matmuls follow while that block is hot, and the
+block is dropped. The backward only scales the stored gradients by the incoming one. Memory is
+one row block's logits plus the gradients of h and weight, whatever the batch; blocks are cut
+so that a block's logits stay near `_BLOCK_BYTES`.
+
+Same loss and gradients as `F.cross_entropy(h @ weight.T + bias, target)` to fp32 rounding
+(tests/test_losses.py). Precision: under an enabled autocast (bf16) the three matmuls take
+bf16 operands and the softmax reads bf16 logits, as autocast's own `linear` +
+`cross_entropy` would (whose logit gradient is also rounded to bf16 for the matmuls); the
+softmax accumulates in fp32 and every gradient is accumulated in fp32. Without autocast
+everything is the inputs' dtype (fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+_BLOCK_BYTES = 64 << 20  # fp32 bytes of one row block's logits
+_TINY = 1e-30  # a target probability below this is recomputed from the log-sum-exp (no underflow)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The matmul dtype of the surrounding autocast, else the tensor's own."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
+def _block_rows(n_rows: int, n_items: int, block_rows: int | None) -> int:
+    return max(1, min(n_rows, block_rows or _BLOCK_BYTES // (4 * max(n_items, 1))))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, block_rows, dtype):
+        R, N = h.shape[0], weight.shape[0]
+        need_grad = any(ctx.needs_input_grad[:3])
+        hc, wc = h.to(dtype), weight.to(dtype)
+        bc = None if bias is None else bias.to(dtype)
+        losses = torch.empty(R, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(R, h.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
+        grad_w = torch.zeros(N, weight.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
+        grad_b = None if bias is None or not need_grad else torch.zeros(N, dtype=torch.float32, device=h.device)
+        rows = _block_rows(R, N, block_rows)
+        for r0 in range(0, R, rows):
+            hr, tr = hc[r0:r0 + rows], target[r0:r0 + rows]
+            rr = torch.arange(hr.shape[0], device=h.device)
+            z = hr @ wc.T if bc is None else torch.addmm(bc, hr, wc.T)
+            p = torch.softmax(z, dim=1)  # fp32 accumulation inside, result in z's dtype
+            p_t = p[rr, tr].float()
+            loss = -torch.log(p_t)
+            tiny = p_t < _TINY  # the probability underflowed: the loss from the log-sum-exp
+            if bool(tiny.any()):
+                zt = z[tiny].float()
+                loss[tiny] = torch.logsumexp(zt, dim=1) - zt[torch.arange(zt.shape[0], device=h.device), tr[tiny]]
+            losses[r0:r0 + rows] = loss
+            if need_grad:
+                g = p  # d loss_row / d logits = softmax - one-hot, in place
+                g[rr, tr] -= 1
+                grad_h[r0:r0 + rows] = g @ wc
+                grad_w += g.T @ hr
+                if grad_b is not None:
+                    grad_b += g.sum(0, dtype=torch.float32)
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out.float() / grad_h.shape[0]  # d mean / d row
+        dh, dw, db = ctx.dtypes
+        return ((grad_h * scale).to(dh), (grad_w * scale).to(dw),
+                None if grad_b is None else (grad_b * scale).to(db), None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None, block_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `h @ weight.T (+ bias)` (rows x all items) against `target`:
+    what `F.cross_entropy(h @ weight.T + bias, target)` gives, fused (see the module docstring).
+
+    h (R, d), weight (N, d) (rows are the scored items, e.g. the tied item embeddings), bias
+    (N,) or None, target (R,) indices into weight's rows. `block_rows` fixes the row block
+    (tests); by default a block's logits take about 64 MiB."""
+    if h.shape[0] == 0:
+        return (h.sum() + weight.sum()) * 0.0
+    return _LinearCrossEntropy.apply(h, weight, bias, target, block_rows, _compute_dtype(h))
+
+
+def item_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`h @ weight.T (+ bias)` in fp32 outside any autocast: the scores items are ranked by.
+
+    Rounded to bf16 (about 3 significant digits), scores tie and swap near the target and a
+    pessimistic rank moves down by a different amount per model; ranking must not depend on the
+    training precision."""
+    with torch.autocast(h.device.type, enabled=False):
+        s = h.float() @ weight.float().T
+        return s if bias is None else s + bias.float()

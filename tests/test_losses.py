@@ -1,0 +1,162 @@
+"""The fused output-layer cross-entropy is F.cross_entropy (loss and gradients), in fp32 and
+under bf16 autocast; ranking stays exact fp32 whatever the training precision."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from harness import train as train_mod
+from harness.cli import cli
+from harness.errors import HarnessError
+from harness.train import TrainConfig, evaluate, fit, resolve_precision
+from models.losses import item_scores, linear_cross_entropy
+from models.sasrec import SASRec, SASRecConfig
+
+
+def _case(R=37, N=301, d=16, seed=0, bias=True, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(R, d, generator=g) * scale).requires_grad_()
+    w = (torch.randn(N, d, generator=g) * 0.5).requires_grad_()
+    b = (torch.randn(N, generator=g) * 0.1).requires_grad_() if bias else None
+    t = torch.randint(0, N, (R,), generator=g)
+    return h, w, b, t
+
+
+def _reference(h, w, b, t):
+    logits = h @ w.T + (b if b is not None else 0.0)
+    return F.cross_entropy(logits, t)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("block_rows", [None, 1, 5, 37])
+def test_fused_ce_equals_cross_entropy_in_fp32(bias, block_rows):
+    h, w, b, t = _case(bias=bias)
+    params = [h, w] + ([b] if bias else [])
+    ref = _reference(h, w, b, t)
+    ref_grads = torch.autograd.grad(ref * 3.0, params)  # a non-unit incoming gradient
+    got = linear_cross_entropy(h, w, t, bias=b, block_rows=block_rows)
+    got_grads = torch.autograd.grad(got * 3.0, params)
+    assert got.dtype == torch.float32
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-6, abs=1e-6)
+    for mine, theirs in zip(got_grads, ref_grads):
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_ce_has_no_underflow_where_the_target_is_far_behind():
+    # target logits ~200 below the best: its probability underflows fp32, the loss must not
+    h, w, b, t = _case(scale=30.0, bias=False)
+    ref = F.cross_entropy((h @ w.T).double(), t)
+    got = linear_cross_entropy(h, w, t)
+    got = got.detach()
+    assert torch.isfinite(got) and float(ref) > 50
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_fused_ce_under_bf16_autocast_matches_autocast_cross_entropy():
+    """In bf16 it agrees with what plain autocast computes (bf16 logits), to bf16 resolution."""
+    h, w, b, t = _case(R=64, N=500, d=32, bias=True)
+    params = [h, w, b]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w, b), t)
+        got = linear_cross_entropy(h, w, t, bias=b)
+    ref_grads = torch.autograd.grad(ref, params)
+    got_grads = torch.autograd.grad(got, params)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=5e-3)
+    for mine, theirs, p in zip(got_grads, ref_grads, params):
+        assert mine.dtype == p.dtype == torch.float32  # fp32 master weights get fp32 gradients
+        assert float((mine - theirs).norm() / theirs.norm()) < 2e-2
+
+
+def test_fused_ce_without_grad_and_with_no_rows():
+    h, w, b, t = _case(bias=False)
+    with torch.no_grad():
+        assert float(linear_cross_entropy(h, w, t)) == pytest.approx(float(_reference(h, w, None, t)), rel=1e-6)
+    empty = linear_cross_entropy(h[:0], w, t[:0])
+    empty.backward()  # a batch with no target must not break the step
+    assert float(empty) == 0.0
+
+
+def test_item_scores_are_fp32_inside_bf16_autocast():
+    h, w, b, _ = _case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = item_scores(h, w, b)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, h @ w.T + b)
+
+
+# ---------------------------------------------------------------------------------- ranking
+class _NearTies(torch.nn.Module):
+    """Scores 1 + i * 1e-4 for item i: distinct in fp32, but bf16 (8 bits of mantissa) rounds
+    runs of ~40 neighbours to one value, where pessimistic ties would push every target down."""
+
+    layout = "sequence"
+
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.n_items = n_items
+        self.emb = torch.nn.Parameter(torch.zeros(1))
+
+    def scores(self, batch):
+        base = torch.ones(batch.size, 1) + self.emb
+        return item_scores(base, (1 + 1e-4 * torch.arange(self.n_items + 1.0))[:, None])
+
+
+def test_close_scores_are_ranked_exactly_even_inside_bf16_autocast(small_split):
+    model = _NearTies(small_split.n_items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ranks = evaluate(model, small_split, "test", torch.device("cpu"))
+    target = np.array([b.target[i].item() for b in small_split.eval_batches("test", 10**6) for i in range(b.size)])
+    users = np.concatenate([b.users.numpy() for b in small_split.eval_batches("test", 10**6)])
+    exact = np.empty_like(ranks)
+    exact[users] = small_split.n_items - target  # items above target t: t+1..n_items
+    assert np.array_equal(ranks, exact)
+    rounded = torch.tensor(1 + 1e-4 * np.arange(small_split.n_items + 1.0)).bfloat16()
+    assert len(torch.unique(rounded)) < small_split.n_items / 4  # bf16 would have tied them
+
+
+def test_evaluate_ranks_are_the_same_under_fp32_and_bf16(small_split):
+    """For fixed weights the ranks do not depend on the precision training runs in."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(hidden=16, inner=32, max_len=20), small_split.n_items)
+    plain = evaluate(model, small_split, "valid", torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = evaluate(model, small_split, "valid", torch.device("cpu"))
+    assert np.array_equal(plain, inside)
+
+
+@pytest.mark.skipif(not train_mod.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_training_runs_on_cpu_and_its_ranks_are_fp32_ranks(small_split):
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(hidden=16, inner=32, max_len=20), small_split.n_items)
+    res = fit(model, small_split, TrainConfig(epochs=2, device="cpu", batch_size=32, precision="bf16"),
+              progress=False)
+    assert all(np.isfinite(r["loss"]) for r in res.curves)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    assert np.array_equal(res.test_ranks, evaluate(model, small_split, "test", torch.device("cpu")))
+
+
+# ---------------------------------------------------------------------------------- the flag
+def test_resolve_precision(monkeypatch):
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == ("bf16" if train_mod.AUTO_BF16 else "fp32")
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(HarnessError, match="no native bf16"):
+        resolve_precision("bf16", "cpu")
+    with pytest.raises(HarnessError, match="expected one of"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_bf16_on_a_cpu_without_it_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    result = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path), "train", "--model", "sasrec", "--dataset",
+                                      "synthetic", "--device", "cpu", "--precision", "bf16", "--epochs", "1"])
+    assert result.exit_code == 1
+    assert "no native bf16" in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
