@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,10 +20,12 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from harness.errors import HarnessError
+from harness import faults
+from harness.errors import HarnessError, first_line
 from harness.runs import NOISE_ON, RunSpec, run
-from harness.studies import (TRAINER_KEYS, artifact_store, first_line, load_study_file, open_storage,
-                             process_alive, store_record, study_file_for, this_worker)
+from harness.store import (artifact_store, check_writable, claim_lock, heartbeat, open_storage, recover, store_record,
+                           this_worker)
+from harness.studies import TRAINER_KEYS, load_study_file, study_file_for
 
 PROPOSED = "igr-sr"
 VARIANTS = ("igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr")
@@ -54,6 +56,17 @@ class Cell:
         if self.noise and self.noise_on != "all":  # the default stays out: keys of older studies hold
             key["noise_on"] = self.noise_on
         return json.dumps(key, sort_keys=True)
+
+    def run_spec(self, base: RunSpec) -> RunSpec:
+        """The cell's run: `base` (trainer flags, data, cache) with its model, data, noise, seed
+        and parameters (trainer keys to the trainer, the rest to the model's config)."""
+        values = dict(self.params)
+        return dataclasses.replace(
+            base, model=self.model, dataset=self.dataset, noise=self.noise, noise_seed=self.seed,
+            noise_on=self.noise_on,
+            train=dataclasses.replace(base.train, seed=self.seed,
+                                      **{k: v for k, v in values.items() if k in TRAINER_KEYS}),
+            params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
 
 
 # ------------------------------------------------------------------------------------ params
@@ -91,16 +104,50 @@ def params_for(model: str, dataset: str, source: str, storage) -> tuple[dict[str
     elif source == "paper":
         params, origin = default_params(base_model), "paper defaults"
     else:
-        path = Path(source)
-        try:
-            params = json.loads(path.read_text()) if path.suffix == ".json" else _toml(path)
-        except (OSError, ValueError) as e:
-            raise HarnessError(f"--params {source}: cannot read a parameter file ({first_line(e)})") from None
+        params = _read_params(source)
         params, origin = params.get(base_model, params), f"file {source}"
     spec = models.get(model)
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     kept = {k: v for k, v in params.items() if (k in fields or k in TRAINER_KEYS) and k not in spec.fixed}
     return kept, origin
+
+
+def check_runnable(cells: list[Cell], base: RunSpec, results_dir: Path, source: str, models_: list[str]) -> None:
+    """Refuse, before the first cell, settings that would fail every cell: a device this machine
+    lacks, a results directory that cannot be written, a parameter file key that no model of the
+    experiment has, a value a model's config rejects."""
+    import models
+
+    from harness import config as config_mod
+    from harness.train import resolve_device
+
+    resolve_device(base.train.device)
+    check_writable(results_dir)
+    if source not in ("best", "paper"):
+        known = set(TRAINER_KEYS)
+        for model in models_:
+            known |= {f.name for f in dataclasses.fields(models.get(model).config_cls)}
+        raw = _read_params(source)
+        for section in [raw[m] for m in raw if isinstance(raw[m], dict)] or [raw]:
+            unknown = sorted(k for k in section if k not in known)
+            if unknown:
+                raise HarnessError(f"--params {source}: {unknown[0]}: not a parameter of "
+                                   f"{', '.join(models_)} (nor a trainer setting)")
+    for model, params in dict.fromkeys((c.model, c.params) for c in cells):
+        spec = models.get(model)
+        values = {k: v for k, v in params if k not in TRAINER_KEYS}
+        try:
+            spec.make_config(**config_mod.coerce(spec.config_cls, values, where=f"{model}:"))
+        except ValueError as e:
+            raise HarnessError(f"{model}: {first_line(e)} (parameters from {source})") from None
+
+
+def _read_params(source: str) -> dict:
+    path = Path(source)
+    try:
+        return json.loads(path.read_text()) if path.suffix == ".json" else _toml(path)
+    except (OSError, ValueError) as e:
+        raise HarnessError(f"--params {source}: cannot read a parameter file ({first_line(e)})") from None
 
 
 def _toml(path: Path) -> dict:
@@ -129,67 +176,98 @@ def grid(models_: list[str], datasets: list[str], seeds: int, source: str, stora
 
 # ------------------------------------------------------------------------------------ running
 
+HEARTBEAT = 30  # seconds between a database-stored cell's heartbeats; silent 3x as long = dead
+WAIT = 5.0  # seconds between looks at cells another live process is running
+
+
 def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, storage_url: str | None,
                    results_dir: Path, notes: list[str], echo: Callable[[str], None] = print) -> optuna.Study:
-    """Run every cell not yet COMPLETE in study `name`; return the study."""
-    storage = open_storage(storage_url)
+    """Run every cell of study `name` that is not COMPLETE; return the study once all are.
+
+    Several processes (or machines, on a database) may fill one grid: each claims the next
+    free cell under a lock and marks it RUNNING, so no cell runs twice. A RUNNING cell whose
+    process died (pid on this host, heartbeat on a database) is failed and claimed again in
+    the same invocation; one that a live process runs is waited for, so that the command
+    returns only when the grid is whole."""
+    storage = open_storage(storage_url, heartbeat=HEARTBEAT, retry=False, echo=echo)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     train = {k: v for k, v in dataclasses.asdict(base.train).items() if k not in ("device", "eval_batch_size", "seed")}
     keys = [c.key(train) for c in cells]
+    by_key = dict(zip(keys, cells))
     noise_on = next((c.noise_on for c in cells if c.noise), "all")  # the noisy cells' reading, for captions
     study.set_user_attr("experiment", {"kind": kind, "cells": keys, "notes": notes, "train": train,
                                        "noise_on": noise_on})
-    _fail_dead_trials(study, echo)
-    done = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    todo = [(c, k) for c, k in zip(cells, keys) if k not in done]
-    echo(f"{name}: {len(cells) - len(todo)} of {len(cells)} cells already done; running {len(todo)}")
     store = artifact_store(results_dir)
-    for i, (cell, key) in enumerate(todo, 1):
-        trial = study.ask()
-        trial.set_user_attr("cell", key)
-        trial.set_user_attr("worker", this_worker())
-        # the cell as a user attr, not params: one-choice categoricals that differ between
-        # trials of one study are refused by Optuna ("dynamic value space")
-        trial.set_user_attr("cell_info", {"model": cell.model, "dataset": cell.dataset, "seed": cell.seed,
-                                          "noise": cell.noise, "noise_on": cell.noise_on,
-                                          "params": dict(cell.params)})
-        values = dict(cell.params)
-        spec = dataclasses.replace(
-            base, model=cell.model, dataset=cell.dataset, noise=cell.noise, noise_seed=cell.seed,
-            noise_on=cell.noise_on,
-            train=dataclasses.replace(base.train, seed=cell.seed, **{k: v for k, v in values.items() if k in TRAINER_KEYS}),
-            params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
-        echo(f"[{i}/{len(todo)}] {cell.label} on {cell.dataset} seed {cell.seed}"
-             + (f" noise {cell.noise:g}" if cell.noise else "")
-             + (f" ({cell.noise_on} histories only)" if cell.noise and cell.noise_on != "all" else ""))
-        try:
-            record = run(spec, progress=False)
-            store_record(trial, record, store)
-        except BaseException as e:
-            reason = first_line(e) if isinstance(e, HarnessError) else f"{type(e).__name__}: {first_line(e)}"
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            if isinstance(e, (HarnessError, KeyboardInterrupt)):
-                raise
-            echo(f"  failed: {reason}")
+    tried: set[str] = set()  # cells that failed in this invocation with an error: not retried here
+    announced = False
+    while True:
+        with claim_lock(storage, name, storage_url):
+            for number in recover(study, retry=False):
+                echo(f"trial {number}: its worker died; the cell runs again")
+            done, busy = _cell_states(study)
+            todo = [k for k in dict.fromkeys(keys) if k not in done and k not in busy and k not in tried]
+            if not announced:
+                echo(f"{name}: {len(set(keys) & done)} of {len(set(keys))} cells already done; running "
+                     f"{len(todo)}" + (f" ({len(set(keys) & busy)} running elsewhere)" if set(keys) & busy else ""))
+                announced = True
+            trial = None
+            if todo:
+                key = todo[0]
+                trial = study.ask()
+                trial.set_user_attr("cell", key)
+                trial.set_user_attr("worker", this_worker())
+        if trial is None:
+            if not set(keys) & busy:
+                return study
+            time.sleep(WAIT)  # another live process runs the rest: the grid is whole when it is done
             continue
-        study.tell(trial, record.result["valid"]["ndcg@10"])
-        t = record.result["test"]
-        echo(f"  test recall@10 {t['recall@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} "
-             f"(best epoch {record.result['best_epoch']}, {record.seconds:.0f} s)")
-    return study
+        if not _run_cell(study, trial, by_key[key], base, store, echo,
+                         f"[{len(set(keys) & done) + 1}/{len(set(keys))}]"):
+            tried.add(key)
 
 
-def _fail_dead_trials(study: optuna.Study, echo: Callable[[str], None]) -> None:
-    """A RUNNING cell whose process on this host is gone was lost in a crash: mark it FAILED
-    (its cell is simply run again, since only COMPLETE cells count as done)."""
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker") or {}
-        if worker.get("host") == host and not process_alive(worker["pid"], worker.get("start")):
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died")
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            echo(f"trial {trial.number}: its worker died; the cell runs again")
+def _cell_states(study: optuna.Study) -> tuple[set[str], set[str]]:
+    """Cell keys COMPLETE, and RUNNING in some live process."""
+    done, busy = set(), set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        key = t.user_attrs.get("cell")
+        if key is not None:
+            (done if t.state == TrialState.COMPLETE else busy).add(key)
+    return done, busy - done
+
+
+def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, base: RunSpec, store,
+              echo: Callable[[str], None], counter: str) -> bool:
+    """Train one claimed cell and tell its result; False if it failed with an error."""
+    # the cell as a user attr, not params: one-choice categoricals that differ between
+    # trials of one study are refused by Optuna ("dynamic value space")
+    trial.set_user_attr("cell_info", {"model": cell.model, "dataset": cell.dataset, "seed": cell.seed,
+                                      "noise": cell.noise, "noise_on": cell.noise_on,
+                                      "params": dict(cell.params)})
+    spec = cell.run_spec(base)
+    echo(f"{counter} {cell.label} on {cell.dataset} seed {cell.seed}"
+         + (f" noise {cell.noise:g}" if cell.noise else "")
+         + (f" ({cell.noise_on} histories only)" if cell.noise and cell.noise_on != "all" else ""))
+    try:
+        with heartbeat(study, trial):
+            record = run(spec, progress=False, on_epoch=lambda epoch, row: faults.point("epoch"))
+            store_record(trial, record, store)
+            faults.point("cell")
+    except BaseException as e:
+        reason = first_line(e) if isinstance(e, HarnessError) else f"{type(e).__name__}: {first_line(e)}"
+        if isinstance(e, KeyboardInterrupt):
+            reason = "interrupted"
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        if isinstance(e, (HarnessError, KeyboardInterrupt)):
+            raise
+        echo(f"  failed: {reason}")
+        return False
+    study.tell(trial, record.result["valid"]["ndcg@10"])
+    t = record.result["test"]
+    echo(f"  test recall@10 {t['recall@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} "
+         f"(best epoch {record.result['best_epoch']}, {record.seconds:.0f} s)")
+    return True
 
 
 def experiment_studies(storage) -> list[tuple[str, dict]]:
@@ -239,6 +317,7 @@ def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, s
         raise HarnessError(f"--noise-on {noise_on!r}: choose from {', '.join(NOISE_ON)}")
     cells, notes = grid(models_, datasets, seeds, source, storage, noise=rates, extra=extra,
                         first_seed=base.train.seed, noise_on=noise_on)
+    check_runnable(cells, base, results_dir, source, models_)
     for note in notes:
         echo(f"params: {note}")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"

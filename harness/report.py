@@ -341,7 +341,7 @@ def build_report(storage_url: str | None, results_dir: Path, out: Path) -> list[
     import optuna
 
     from harness.experiments import completed_cells, experiment_studies
-    from harness.studies import artifact_store, open_storage
+    from harness.store import artifact_store, open_storage
 
     storage = open_storage(storage_url)
     store = artifact_store(results_dir)

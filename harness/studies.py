@@ -1,10 +1,10 @@
-"""Study files -> Optuna studies: search space, storage, sampler, pruner, the objective.
+"""Study files -> Optuna studies: search space, sampler, pruner, the objective.
 
 A study file (TOML, one per model, under studies/) says what `harness tune` searches:
 
     model = "igr-sr"               registered model (required)
     description = "..."            free text
-    metric = "valid_ndcg@10"       the only one allowed: DESIGN §4 fixes model selection and
+    metric = "valid_ndcg@10"       the only one allowed: the protocol fixes model selection and
     direction = "maximize"         pruning on validation NDCG@10 (the trainer's early stopping)
     trials = 50                    target COMPLETE + PRUNED trials in the study (--trials)
     sampler = "tpe"                "tpe" | "random", or { name = "tpe", seed = 0, ... } (arguments)
@@ -17,12 +17,7 @@ A study file (TOML, one per model, under studies/) says what `harness tune` sear
 Trainer keys (lr, weight_decay, batch_size) go to TrainConfig; every other key must be a field
 of the model's config. Every error names the file and the key.
 
-Storage: a path (default studies/optuna.journal) is Optuna's journal file, which several local
-processes append to under a file lock (no 'database is locked', unlike SQLite); it has no
-heartbeat, so each trial records its worker's host and pid, and harness/tune.py fails and
-re-enqueues a trial whose worker died on this host. `postgresql://...` (or any SQLAlchemy URL)
-is an RDBStorage with heartbeats: a silent worker's trial is failed and retried by
-RetryHeartbeatStaleTrialCallback, from any machine.
+Storage, worker liveness, retries and artifacts live in harness/store.py.
 
 The objective: suggest -> RunSpec -> harness.runs.run, reporting validation NDCG@10 each epoch
 to the pruner; a finished trial keeps its run record in user attrs and its checkpoint and
@@ -31,29 +26,22 @@ per-user ranks as Optuna artifacts (results/artifacts/).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import inspect
 import json
-import os
-import re
-import socket
-import tempfile
 import tomllib
 import typing
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
-from optuna.storages.journal import JournalFileBackend, JournalStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from harness.errors import HarnessError
+from harness import faults
+from harness.errors import HarnessError, first_line
+from harness.store import quiet_experimental, requeue, store_record, this_worker
 
 
-DEFAULT_STORAGE = "studies/optuna.journal"
 STUDY_DIRS = (Path("studies"), Path(__file__).resolve().parent.parent / "studies")
 TRAINER_KEYS = ("lr", "weight_decay", "batch_size")  # TrainConfig fields a study may set
 METRIC = "valid_ndcg@10"
@@ -63,16 +51,6 @@ PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 PRUNERS = {"hyperband": optuna.pruners.HyperbandPruner, "median": optuna.pruners.MedianPruner,
            "none": optuna.pruners.NopPruner}
-MAX_RETRY = 2  # a trial whose worker dies this often (e.g. killed for memory) is not retried again
-
-
-@contextmanager
-def quiet_experimental() -> Iterator[None]:
-    """Optuna marks heartbeats, artifacts, PED-ANOVA and grouped TPE experimental: the warning
-    says nothing a user can act on, and every worker would print it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +149,7 @@ def load_study_file(path: Path | str, extra_fixed: dict[str, str] | None = None)
     metric = _typed(raw, "metric", str, path, METRIC)
     if metric != METRIC:
         raise HarnessError(f"{path}: metric: {metric!r} is not supported; the protocol selects and prunes "
-                           f"on {METRIC!r} (DESIGN §4)")
+                           f"on {METRIC!r}")
     direction = _typed(raw, "direction", str, path, "maximize")
     if direction != "maximize":
         raise HarnessError(f"{path}: direction: {METRIC} is maximized, got {direction!r}")
@@ -397,96 +375,6 @@ def make_pruner(sf: StudyFile, override: str | None, epoch_cap: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage
-# ---------------------------------------------------------------------------------------------
-
-class FlockLock:
-    """An fcntl lock on `<journal>.lock`. The kernel drops it when its holder dies, so a worker
-    killed mid-write never leaves a lock the others must wait out (Optuna's default symlink lock
-    is broken only after a 30 s grace period). For local file systems (NFS: Optuna's own locks).
-    Duck-types Optuna's BaseJournalFileLock (acquire / release), which the package does not export."""
-
-    def __init__(self, journal: str):
-        self._path = journal + ".lock"
-        self._file = None
-
-    def acquire(self) -> bool:
-        self._file = open(self._path, "a")
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        return True
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-
-def open_storage(url: str | None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
-    """A journal file for a path (default studies/optuna.journal), an RDBStorage for a URL."""
-    url = url or DEFAULT_STORAGE
-    if "://" not in url:
-        path = Path(url)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
-        except OSError as e:
-            raise HarnessError(f"--storage {url}: cannot open the journal file ({e.strerror or e})") from None
-    scheme, shown = url.split("://", 1)[0], safe_url(url)
-    if not scheme.startswith(("sqlite", "postgresql", "mysql")):
-        raise HarnessError(f"--storage {shown}: unsupported scheme {scheme!r}; use a journal file path "
-                           f"(default {DEFAULT_STORAGE}), sqlite:///FILE.db or postgresql://USER@HOST:PORT/DB")
-    if scheme == "postgresql":  # SQLAlchemy 2.1 means psycopg 3 by it; use the driver that is installed
-        url = f"postgresql+{_postgres_driver(url)}://" + url.split("://", 1)[1]
-    kwargs: dict[str, Any] = {}
-    if heartbeat:
-        with quiet_experimental():
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-        kwargs = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
-                  "heartbeat_stale_trial_callback": retry}
-    engine = {"connect_args": {"connect_timeout": 10}} if scheme.startswith("postgresql") else {}
-    try:
-        with quiet_experimental():
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
-    except ImportError as e:
-        raise HarnessError(f"--storage {shown}: its database driver is not installed ({e}); "
-                           "for PostgreSQL: pip install psycopg2-binary") from None
-    except Exception as e:  # SQLAlchemy's errors for bad URLs, refused connections, bad logins
-        raise HarnessError(f"--storage {shown}: cannot open ({first_line(e)})") from None
-
-
-def _postgres_driver(url: str) -> str:
-    import importlib.util
-
-    for driver in ("psycopg", "psycopg2"):
-        if importlib.util.find_spec(driver) is not None:
-            return driver
-    raise HarnessError(f"--storage {safe_url(url)}: no PostgreSQL driver is installed; pip install psycopg2-binary")
-
-
-def safe_url(url: str | None) -> str:
-    """The URL without its password, for messages."""
-    url = url or DEFAULT_STORAGE
-    if "://" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # unparsable: still name it, less anything between ':' and '@'
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-def is_journal(storage: optuna.storages.BaseStorage) -> bool:
-    return isinstance(storage, JournalStorage)
-
-
-# ---------------------------------------------------------------------------------------------
 # The objective: one trial = one run
 # ---------------------------------------------------------------------------------------------
 
@@ -528,44 +416,6 @@ def trial_spec(job: TuneJob, params: dict[str, Any]):
                                params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
 
 
-def this_worker() -> dict:
-    """Who runs a trial; `start` tells a reused pid apart from the process that had it."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-
-
-def _process_start(pid: int) -> str | None:
-    try:  # field 22 of /proc/PID/stat: start time in clock ticks since boot
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def process_alive(pid: int, start: str | None) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    if fields[0] == "Z":  # killed, not yet reaped by its parent
-        return False
-    return start is None or fields[19] == start
-
-
-def artifact_store(results_dir: Path):
-    from optuna.artifacts import FileSystemArtifactStore
-
-    path = results_dir / "artifacts"
-    path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(path)
-
-
 def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
     """suggest -> RunSpec -> run, pruning on validation NDCG@10; a failure's reason is kept."""
 
@@ -576,7 +426,7 @@ def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
-            requeue(trial.study, trial.study._storage.get_trial(trial._trial_id))  # resume runs it again
+            requeue(trial.study, frozen(trial))  # a resumed study runs it again
             raise
         except Exception as e:  # bad input says what to fix; anything else names its type too
             trial.set_user_attr("fail_reason", first_line(e) if isinstance(e, HarnessError)
@@ -593,7 +443,7 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
     trial.set_user_attr("worker", this_worker())
     trial.set_user_attr("epoch_cap", cap)
     trial.set_user_attr("epochs", 0)
-    retry_of = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+    retry_of = frozen(trial).system_attrs.get("failed_trial")
     if retry_of is not None:
         trial.set_user_attr("retry_of", retry_of)
     spec = trial_spec(job, suggest(trial, job.study_file))
@@ -602,6 +452,7 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
         value = row[METRIC]
         trial.report(value, epoch)
         trial.set_user_attr("epochs", epoch)
+        faults.point("epoch")
         if epoch < cap and trial.should_prune():  # at the cap it is done: pruning would only lose it
             reason = f"pruned at epoch {epoch} of {cap} by the {job.pruner_name} pruner (valid ndcg@10 {value:.4f})"
             trial.set_user_attr("prune_reason", reason)
@@ -612,34 +463,6 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
     return record.result["valid"]["ndcg@10"]
 
 
-def store_record(trial: optuna.Trial, record, store) -> None:
-    """A finished run's summary as user attrs, and its checkpoint, per-user ranks and full
-    record as artifacts, so that tables never need retraining."""
-    from harness.runs import save_record
-
-    res = record.result
-    for key, value in {"valid": res["valid"], "test": res["test"], "epochs": res["epochs_run"],
-                       "best_epoch": res["best_epoch"], "stopped": res["stopped"], "data_hash": record.data_hash,
-                       "git_commit": record.environment["git_commit"], "seconds": round(record.seconds, 1),
-                       "model_config": record.model_config, "train_config": record.train_config,
-                       "lid_key": (record.lid or {}).get("key")}.items():
-        trial.set_user_attr(key, value)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_record(record, Path(tmp))
-        for suffix, name in ((".pt", "checkpoint"), (".npz", "ranks"), (".json", "record")):
-            with quiet_experimental():
-                artifact_id = optuna.artifacts.upload_artifact(
-                    artifact_store=store, file_path=str(path.with_suffix(suffix)), study_or_trial=trial)
-            trial.set_user_attr(f"artifact_{name}", artifact_id)
-
-
-def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """The WAITING copy RetryHeartbeatStaleTrialCallback makes (same system attrs, so its
-    retried_trial_number() works for both storages), without the dead trial's user attrs."""
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRY:
-        return
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                      "retry_history": history}))
+def frozen(trial: optuna.Trial) -> FrozenTrial:
+    """The stored state of a live trial (its system attrs: is it a retry?)."""
+    return trial.study.get_trials(deepcopy=False)[trial.number]

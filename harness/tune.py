@@ -15,8 +15,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,11 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.errors import HarnessError
-from harness.studies import (DEFAULT_STORAGE, TRAINER_KEYS, SearchParam, TuneJob, artifact_store, first_line,
-                             is_journal, make_objective, make_pruner, make_sampler, open_storage, process_alive,
-                             quiet_experimental, requeue, safe_url)
+from harness import faults
+from harness.errors import HarnessError, first_line
+from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, open_storage, pending_retries,
+                           quiet_experimental, recover, safe_url)
+from harness.studies import TRAINER_KEYS, SearchParam, TuneJob, make_objective, make_pruner, make_sampler
 
 MAX_FAILURES_IN_A_ROW = 5  # a worker stops when this many trials in a row fail (a broken setup)
 MIN_TRIALS_FOR_IMPORTANCE = 10  # PED-ANOVA compares the top 10 % with the rest
@@ -101,37 +103,6 @@ def _first_difference(stored: dict, now: dict, path: Path) -> str:
     return "parameter order"
 
 
-def recover_dead_workers(study: optuna.Study) -> list[int]:
-    """Journal storage has no heartbeat: fail RUNNING trials whose worker process on this host
-    is gone ("worker died") and enqueue their parameters again. Returns the failed numbers."""
-    host, failed = socket.gethostname(), []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
-        if not isinstance(worker, dict) or worker.get("host") != host:
-            continue  # not started yet, or another machine's: only its own host can tell
-        if process_alive(worker["pid"], worker.get("start")):
-            continue
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                               f"worker died (pid {worker['pid']} on {host})")
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first (and re-enqueued it)
-        requeue(study, trial)
-        failed.append(trial.number)
-    return failed
-
-
-def recover(study: optuna.Study) -> list[int]:
-    """Fail and re-enqueue the trials of dead workers: by pid (journal) or heartbeat (RDB)."""
-    if is_journal(study._storage):
-        return recover_dead_workers(study)
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    with quiet_experimental():
-        optuna.storages.fail_stale_trials(study)  # runs RetryHeartbeatStaleTrialCallback
-    return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
-
-
 # ---------------------------------------------------------------------------------------------
 # Workers
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +147,13 @@ def _fmt(value: Any) -> str:
 
 
 def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
-               echo: Callable[[str], None] = print) -> str | None:
-    """Run trials in this process until the study has `job.target` finished trials (or the
-    timeout passes); returns why it stopped early when that is a problem."""
+               echo: Callable[[str], None] = print, retries_only: bool = False) -> str | None:
+    """Run trials in this process until the study has `job.target` finished trials and no
+    retry of a dead worker's trial waits (or the timeout passes); returns why it stopped
+    early when that is a problem. Before each trial it fails and re-enqueues the trials of
+    dead siblings, so the last worker standing runs their retries instead of leaving them
+    WAITING. With `retries_only` it runs just the waiting retries (the parent, after its
+    workers exit)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial_line reports each trial once
     storage = storage or open_storage(job.storage_url, job.heartbeat)
     cap = job.base.train.epochs
@@ -186,22 +161,19 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
                               sampler=make_sampler(job.study_file, worker, cap),
                               pruner=make_pruner(job.study_file, job.pruner, cap, job.min_epochs))
     prefix = f"[w{worker}] " if worker else ""
-    for number in recover(study):
-        echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
-    if finished_count(study) >= job.target:
-        return None
-
-    def recover_between_trials(study: optuna.Study, _trial: FrozenTrial) -> None:
-        for number in recover_dead_workers(study):  # a sibling died: retry its trial now
-            echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
-
+    objective = make_objective(job, artifact_store(job.results_dir))
     printer = _TrialPrinter(echo, prefix)
-    callbacks = [optuna.study.MaxTrialsCallback(job.target, states=FINISHED), printer]
-    if is_journal(storage):  # RDB storages do this through heartbeats
-        callbacks.append(recover_between_trials)
-    with quiet_experimental():
-        study.optimize(make_objective(job, artifact_store(job.results_dir)), timeout=job.timeout,
-                       callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+    deadline = None if job.timeout is None else time.monotonic() + job.timeout
+    while printer.gave_up is None:
+        for number in recover(study):
+            echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
+        retries = pending_retries(study)
+        if not retries and (retries_only or finished_count(study) >= job.target):
+            break
+        if deadline is not None and time.monotonic() >= deadline and not retries:
+            break  # --timeout starts no new trial, but a dead worker's retry is still owed
+        with quiet_experimental():
+            study.optimize(objective, n_trials=1, callbacks=[printer], catch=(Exception,), gc_after_trial=False)
     return printer.gave_up
 
 
@@ -228,6 +200,18 @@ def _gpus(job: TuneJob) -> list[str]:
     return [] if count < 2 else (visible.split(",") if visible else [str(i) for i in range(count)])
 
 
+def _die_with_parent() -> None:
+    """In a worker, just before exec: ask the kernel for SIGKILL when the parent dies, so a
+    killed `harness tune` leaves no orphan workers training on; its rerun fails their trials
+    (their pids are gone) and retries them. Linux only; elsewhere orphans finish their trial."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_worker_processes(job: TuneJob, argv_for: Callable[[int], list[str]],
                          echo: Callable[[str], None] = print) -> list[str]:
     """Start `job.workers` worker processes (the same command with --worker I), wait for them;
@@ -235,12 +219,15 @@ def run_worker_processes(job: TuneJob, argv_for: Callable[[int], list[str]],
     threads, gpus = threads_per_worker(job.workers), _gpus(job)
     processes = []
     for i in range(1, job.workers + 1):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "HARNESS_WORKER": str(i)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[(i - 1) % len(gpus)]
-        processes.append(subprocess.Popen(argv_for(i), env=env))
+        processes.append(subprocess.Popen(argv_for(i), env=env,
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     echo(f"started {job.workers} workers ({threads} torch thread{'s' * (threads > 1)} each): pids "
          + ", ".join(str(p.pid) for p in processes))
+    faults.point("workers")
     problems = []
     try:
         for i, process in enumerate(processes, 1):
@@ -248,21 +235,36 @@ def run_worker_processes(job: TuneJob, argv_for: Callable[[int], list[str]],
             if code:
                 what = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 problems.append(f"worker {i} (pid {process.pid}) {what}")
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the workers too: let them finish up
+    except KeyboardInterrupt:
+        # Ctrl-C in a terminal reaches the workers too; a SIGINT sent to this process alone does
+        # not: pass it on, so each worker marks its trial interrupted and enqueues it again
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
         for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.send_signal(signal.SIGKILL)
+                process.wait()
         raise
     return problems
+
+
+def _check_runnable(job: TuneJob) -> None:
+    """Refuse, before the first trial, settings that would fail every trial."""
+    from harness.train import resolve_device
+
+    resolve_device(job.base.train.device)  # --device cuda without CUDA: one line now, not 5 failed trials
+    check_writable(job.results_dir)
 
 
 def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = None,
          worker: int | None = None, echo: Callable[[str], None] = print) -> TuneSummary | None:
     """`harness tune`: check, create or resume the study, run trials here or in `job.workers`
-    processes (`worker_argv(study_name, i)` is worker i's command line), summarise.
-    A worker process (`worker` set) only runs trials."""
+    processes (`worker_argv(study_name, i)` is worker i's command line), then run whatever
+    retries of dead workers' trials remain, and summarise. A worker process (`worker` set)
+    only runs trials."""
     from harness.data import registry as datasets
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created": we say it
@@ -272,6 +274,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         flag = "--" + clash[0].replace("_", "-")
         raise HarnessError(f"{flag}: {job.study_file.path} sets {clash[0]} for every trial; drop the flag "
                            "or edit the study file")
+    _check_runnable(job)
     datasets.load(job.dataset, job.base.data_dir, job.base.cache_dir)  # a missing dataset: one line, now
     if worker is not None:
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -282,11 +285,13 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         if gave_up:
             raise HarnessError(f"worker {worker}: {gave_up}")  # exit status 1 tells the parent
         return None
-    storage = open_storage(job.storage_url, job.heartbeat)
+    storage = open_storage(job.storage_url, job.heartbeat, echo=echo)
     study, note = open_study(job, storage)
     echo(note)
+    for number in recover(study):
+        echo(f"trial {number}: its worker died; failed and enqueued again")
     done = finished_count(study)
-    if done >= job.target:
+    if done >= job.target and not pending_retries(study):
         echo(f"the study already has {done} finished trials (target {job.target}): nothing to run; "
              "raise --trials to continue it")
     problems: list[str] = []
@@ -295,8 +300,10 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         problems += [gave_up] if gave_up else []
     else:
         problems = run_worker_processes(job, lambda i: worker_argv(study.study_name, i), echo)
-        for number in recover(study):
-            echo(f"trial {number}: its worker died; failed and enqueued again")
+        # a worker killed last leaves its trial RUNNING (or its retry WAITING) with nobody left
+        # to notice: run those here, so the study is never summarised with a retry owed
+        gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True)
+        problems += [gave_up] if gave_up else []
     return summarize(study, job, problems)
 
 
@@ -373,6 +380,7 @@ def summarize(study: optuna.Study, job: TuneJob, problems: list[str]) -> TuneSum
     outputs = {"trials": out / "trials.csv", "top_csv": out / "top_trials.csv", "top_tex": out / "top_trials.tex",
                "summary": out / "summary.json"}
     rows.to_csv(outputs["trials"], index=False)
+    faults.point("summary")
     top_rows.to_csv(outputs["top_csv"], index=False)
     outputs["top_tex"].write_text(latex_top_trials(top, job, study.study_name))
     if importances:

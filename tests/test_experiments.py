@@ -43,7 +43,7 @@ def test_noise_rate_is_exact_and_targets_untouched(tmp_path):
 
 
 def _completed(storage: Path, name: str) -> int:
-    from harness.studies import open_storage
+    from harness.store import open_storage
 
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(str(storage)))
@@ -171,7 +171,7 @@ def test_seed_sets_the_first_seed_and_a_wider_grid_reuses_its_cells(tmp_path):
     both = CliRunner().invoke(cli, [*base, "--seeds", "2"], env=env, terminal_width=200)
     assert both.exit_code == 0, both.output
     assert "1 of 2 cells already done; running 1" in both.output and "seed 2020" in both.output
-    from harness.studies import open_storage
+    from harness.store import open_storage
 
     study = optuna.load_study(study_name="ablate-synthetic", storage=open_storage(str(tmp_path / "s.journal")))
     seeds = sorted(t.user_attrs["cell_info"]["seed"] for t in study.trials if t.state.name == "COMPLETE")

@@ -66,7 +66,7 @@ def scenario_train(tmp: Path, model: str, *params: str) -> dict:
 
 
 def scenario_tune(tmp: Path) -> dict:
-    from harness.studies import open_storage
+    from harness.store import open_storage
 
     study_file = tmp / "golden.toml"
     study_file.write_text(STUDY)
@@ -80,7 +80,7 @@ def scenario_tune(tmp: Path) -> dict:
 
 
 def scenario_ablate(tmp: Path) -> dict:
-    from harness.studies import open_storage
+    from harness.store import open_storage
 
     journal = tmp / "ablate.journal"
     _invoke("--results-dir", str(tmp / "ablate-results"), "ablate", "--dataset", "synthetic", "--seeds", "1",

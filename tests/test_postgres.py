@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from harness.studies import open_storage
+from harness.store import open_storage
 
 SMALL = """
 model = "sasrec"

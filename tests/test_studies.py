@@ -1,13 +1,7 @@
-"""Study files (parse, check, suggest), storage URLs, resume checks and dead-worker detection.
+"""Study files (parse, check, suggest) and resume checks.
 No training here: every test is milliseconds."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -15,9 +9,9 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.runs import RunSpec
-from harness.studies import (TuneJob, load_study_file, open_storage, process_alive, study_file_for, suggest,
-                             this_worker, trial_spec)
-from harness.tune import open_study, recover_dead_workers
+from harness.store import open_storage
+from harness.studies import TuneJob, load_study_file, study_file_for, suggest, trial_spec
+from harness.tune import open_study
 
 REPO = Path(__file__).resolve().parents[1]
 ICR_ONLY = {"p_mask", "tau", "cl_weight"}
@@ -174,34 +168,6 @@ def test_missing_study_file_and_param_clash(tmp_path):
         load_study_file(path, {"width": "1"})
 
 
-def test_storage_urls(tmp_path):
-    journal = open_storage(str(tmp_path / "sub" / "x.journal"))
-    assert isinstance(journal, optuna.storages.JournalStorage) and (tmp_path / "sub" / "x.journal").is_file()
-    with pytest.raises(HarnessError, match="unsupported scheme 'redis'"):
-        open_storage("redis://localhost:6379")
-    with pytest.raises(HarnessError, match=r"--storage postgres://u:\*\*\*@h/db: unsupported scheme 'postgres'"):
-        open_storage("postgres://u:secret@h/db")
-    with pytest.raises(HarnessError, match="--storage sqlite:////nonexistent-dir/x.db: cannot open"):
-        open_storage("sqlite:////nonexistent-dir/x.db")
-
-
-def test_unreachable_postgres_is_one_line(tmp_path):
-    pytest.importorskip("psycopg2")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(HarnessError) as e:
-        open_storage(f"postgresql+psycopg2://harness@127.0.0.1:{port}/optuna")
-    text = str(e.value)
-    assert f"--storage postgresql+psycopg2://harness@127.0.0.1:{port}/optuna: cannot open" in text
-    assert "\n" not in text and "refused" in text.lower()
-    # plain postgresql:// (SQLAlchemy 2.1 would pick psycopg 3) uses the installed driver
-    with pytest.raises(HarnessError) as e:
-        open_storage(f"postgresql://harness:secret@127.0.0.1:{port}/optuna")
-    assert str(e.value).startswith(f"--storage postgresql://harness:***@127.0.0.1:{port}/optuna: cannot open (")
-    assert "secret" not in str(e.value)
-
-
 def _job(path: Path, tmp_path: Path, **kw) -> TuneJob:
     return TuneJob(study_file=load_study_file(path), dataset="synthetic", base=RunSpec(model="sasrec", dataset="synthetic"),
                    storage_url=str(tmp_path / "s.journal"), **kw)
@@ -233,48 +199,3 @@ def test_changed_search_space_is_refused_unless_new_study(tmp_path):
     path.write_text(SMALL.replace("hidden = 16", "hidden = 32"))
     with pytest.raises(HarnessError, match="fixed.hidden: 16 stored, 32"):
         open_study(_job(path, tmp_path, study_name="sasrec-synthetic"), storage)
-
-
-def test_process_alive_tells_dead_and_zombie_workers():
-    me = this_worker()
-    assert me["pid"] == os.getpid() and process_alive(me["pid"], me["start"])
-    assert not process_alive(me["pid"], "1")  # same pid, another process (pid reuse)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        from harness.studies import _process_start
-
-        start = _process_start(child.pid)
-        assert process_alive(child.pid, start)
-        child.send_signal(signal.SIGKILL)
-        deadline = time.time() + 5
-        while process_alive(child.pid, start) and time.time() < deadline:  # a zombie until reaped
-            time.sleep(0.01)
-        assert not process_alive(child.pid, start)
-    finally:
-        child.kill()
-        child.wait()
-    assert not process_alive(child.pid, start)
-
-
-def test_dead_workers_trial_is_failed_and_enqueued_again(tmp_path):
-    path = write(tmp_path, SMALL)
-    storage = open_storage(str(tmp_path / "s.journal"))
-    study, _ = open_study(_job(path, tmp_path), storage)
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # a pid that is gone
-    dead = study.ask({"layers": optuna.distributions.IntDistribution(1, 2)})
-    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": child.pid, "start": None})
-    alive = study.ask({"layers": optuna.distributions.IntDistribution(1, 2)})
-    alive.set_user_attr("worker", this_worker())
-    elsewhere = study.ask()
-    elsewhere.set_user_attr("worker", {"host": "another-machine", "pid": child.pid, "start": None})
-    assert recover_dead_workers(study) == [dead.number]
-    assert recover_dead_workers(study) == []  # once only
-    trials = study.get_trials()
-    assert trials[dead.number].state == optuna.trial.TrialState.FAIL
-    assert trials[dead.number].user_attrs["fail_reason"].startswith(f"worker died (pid {child.pid}")
-    assert trials[alive.number].state == trials[elsewhere.number].state == optuna.trial.TrialState.RUNNING
-    retry = trials[-1]
-    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == trials[dead.number].params
-    assert retry.system_attrs["failed_trial"] == dead.number  # as RetryHeartbeatStaleTrialCallback does
-    assert "worker" not in retry.user_attrs

@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import cli
-from harness.studies import open_storage
+from harness.store import open_storage
 from harness.tune import list_studies, trial_line
 
 COMPLETE, PRUNED, FAIL, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
