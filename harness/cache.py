@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -53,9 +54,14 @@ def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_ite
     with file_lock(path.with_suffix(".lock")):
         encoder = SASRec(enc_cfg, n_items)
         if path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            encoder.load_state_dict(blob["state"])
-            return encoder, json.loads(blob["info"]), True
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                encoder.load_state_dict(blob["state"])
+                return encoder, json.loads(blob["info"]), True
+            except Exception as e:  # truncated or corrupt (a crash mid-copy, a full disk): pre-train again
+                print(f"warning: cached LID encoder {path} is unreadable ({type(e).__name__}); "
+                      "pre-training it again", file=sys.stderr)
+                encoder = SASRec(enc_cfg, n_items)
         info = pretrain(encoder)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         torch.save({"state": {k: v.cpu() for k, v in encoder.state_dict().items()},

@@ -7,6 +7,7 @@ arrays are cached under the cache directory (`--cache-dir`, env HARNESS_CACHE_DI
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +119,14 @@ def load(name: str, data_dir_: Path, cache_dir_: Path) -> SequenceData:
     digest = file_hash(path)
     cached = cache_dir_ / "datasets" / f"{digest[:16]}.npz"
     if cached.is_file():
-        z = np.load(cached, allow_pickle=False)
-        return SequenceData(items=z["items"], offsets=z["offsets"], user_ids=z["user_ids"],
-                            n_items=int(z["n_items"]), source=str(path), content_hash=digest,
-                            warnings=[str(w) for w in z["warnings"]])
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                return SequenceData(items=z["items"], offsets=z["offsets"], user_ids=z["user_ids"],
+                                    n_items=int(z["n_items"]), source=str(path), content_hash=digest,
+                                    warnings=[str(w) for w in z["warnings"]])
+        except Exception as e:  # truncated or corrupt (a crash mid-copy, a full disk): parse again
+            print(f"warning: cached dataset {cached} is unreadable ({type(e).__name__}); rebuilt from {path}",
+                  file=sys.stderr)
     data = load_sequences(path)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
