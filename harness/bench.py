@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from harness.runs import RunSpec, build_model, load_data
-from harness.train import autocast, evaluate, resolve_device, seed_everything
+from harness.train import autocast, evaluate, make_optimizer, resolve_device, resolve_precision, seed_everything
 
 
 @dataclass
@@ -79,11 +79,12 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
     from torch.utils.flop_counter import FlopCounterMode
 
     device = resolve_device(spec.train.device)
+    precision = resolve_precision(spec.train.precision, device)
     data = load_data(spec)
     model, _, _ = build_model(spec, data, progress=True)
     model.to(device).train()
     seed_everything(spec.train.seed)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.train, device)
     layout = getattr(model, "layout", "sequence")
     rng = np.random.default_rng(spec.train.seed)
 
@@ -99,7 +100,7 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
     timed = epoch[warmup : warmup + n_batches]
 
     def step(batch):
-        with autocast(device):
+        with autocast(device, precision):
             loss = model.loss(batch)["loss"]
         return loss
 
