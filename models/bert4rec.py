@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import SequentialRecommender, init_weights
+from models.base import Dropout, SequentialRecommender, init_weights
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -87,7 +87,7 @@ class BERT4Rec(SequentialRecommender):
         self.item_emb = nn.Embedding(n_items + 2, cfg.hidden, padding_idx=0)  # + the mask token
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
                                   nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps))

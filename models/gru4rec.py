@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import NextItemModel
+from models.base import Dropout, NextItemModel
 
 
 @dataclass
@@ -41,7 +41,7 @@ class GRU4Rec(NextItemModel):
         super().__init__()
         self.cfg, self.n_items = cfg, n_items
         self.item_emb = nn.Embedding(n_items + 1, cfg.embedding, padding_idx=0)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.embedding, cfg.hidden, num_layers=cfg.layers, bias=False, batch_first=True)
         self.dense = nn.Linear(cfg.hidden, cfg.embedding)
         nn.init.xavier_normal_(self.item_emb.weight)

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.base import attention
 from models.kmeans import assign, kmeans
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRec, SASRecConfig
@@ -119,7 +120,7 @@ def _masked_block(block: PostLNBlock, x: torch.Tensor, mask: torch.Tensor) -> to
     B, L, d = x.shape
     q, k, v = attn.qkv(x).view(B, L, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
     p = attn.attn_dropout if block.training else 0.0
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    y = attention(q, k, v, attn_mask=mask, dropout_p=p)
     x = block.ln1(x + block.drop(attn.out(y.transpose(1, 2).reshape(B, L, d))))
     return block.ln2(x + block.drop(block.ffn(x)))
 

@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import SequentialRecommender, init_weights, last_position
+from models.base import Dropout, SequentialRecommender, init_weights, last_position
 from models.kmeans import assign, kmeans
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRecConfig
@@ -203,7 +203,7 @@ class ICSRec(SequentialRecommender):
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
         self.apply(lambda m: init_weights(m, cfg.init_std))
         # set by on_epoch_start; plain attributes (not state): recomputed, never checkpointed

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import (CrossAttention, FeedForward, SelfAttention, SequentialRecommender,
+from models.base import (CrossAttention, Dropout, FeedForward, SelfAttention, SequentialRecommender, dropout,
                          info_nce, init_weights, last_position)
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import SASRec
@@ -104,7 +104,7 @@ class DualAttentionLayer(nn.Module):
         self.self_attn = SelfAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
         self.ffn = FeedForward(cfg.hidden, cfg.inner)
         self.ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, intents: torch.Tensor | None) -> torch.Tensor:
         if self.cross is not None:
@@ -128,7 +128,7 @@ class IGRSR(SequentialRecommender):
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(n_pos, d)
         self.emb_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         cross = cfg.use_lid and cfg.fusion == "cross"
         self.layers = nn.ModuleList(DualAttentionLayer(cfg, cross) for _ in range(cfg.layers))
         if cfg.use_lid:
@@ -166,7 +166,7 @@ class IGRSR(SequentialRecommender):
             return {"loss": linear_cross_entropy(self.reason(items, lengths, t_d), W, target)}
         B = items.shape[0]
         # both masked views in one pass over a doubled batch
-        views = torch.cat([F.dropout(t_d, self.cfg.p_mask, True), F.dropout(t_d, self.cfg.p_mask, True)])
+        views = torch.cat([dropout(t_d, self.cfg.p_mask), dropout(t_d, self.cfg.p_mask)])
         h = self.reason(items.repeat(2, 1), lengths.repeat(2), views)
         ce = linear_cross_entropy(h, W, target.repeat(2))
         cl = info_nce(h[:B], h[B:], self.cfg.tau)

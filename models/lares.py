@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import SequentialRecommender, info_nce, init_weights, last_position
+from models.base import Dropout, SequentialRecommender, info_nce, init_weights, last_position
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -119,7 +119,7 @@ class LARES(SequentialRecommender):
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.emb_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.pre = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.pre_layers))
         self.adapter = nn.Linear(2 * d, d) if cfg.aggregate == "concat" else None
         self.core_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)

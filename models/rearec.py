@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import SequentialRecommender, init_weights, last_position
+from models.base import Dropout, SequentialRecommender, attention, init_weights, last_position
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -109,9 +109,9 @@ def _cached_block(block: PostLNBlock, x: torch.Tensor, cache: list, key_mask: to
     cache[:] = [k, v]
     p = attn.attn_dropout if block.training else 0.0
     if key_mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        y = attention(q, k, v, dropout_p=p, is_causal=True)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
+        y = attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
     x = block.ln1(x + block.drop(attn.out(y.transpose(1, 2).reshape(B, n, d))))
     return block.ln2(x + block.drop(block.ffn(x)))
 
@@ -131,7 +131,7 @@ class ReaRec(SequentialRecommender):
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.reason_pos_emb = nn.Embedding(cfg.reason_steps, d)
         self.emb_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.emb_drop = nn.Dropout(cfg.emb_dropout)
+        self.emb_drop = Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
         self.apply(lambda m: init_weights(m, cfg.init_std))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import FeedForward, NextItemModel, SelfAttention, init_weights
+from models.base import Dropout, FeedForward, NextItemModel, SelfAttention, init_weights
 
 
 @dataclass
@@ -37,7 +37,7 @@ class PostLNBlock(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg.hidden, cfg.inner)
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal, or bidirectional over the real positions when given a key mask (BERT4Rec)."""
@@ -53,7 +53,7 @@ class SASRec(NextItemModel):
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
         self.apply(lambda m: init_weights(m, cfg.init_std))
 
