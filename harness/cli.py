@@ -145,25 +145,55 @@ def _print_result(record) -> None:
 
 
 @cli.command()
-@click.option("--model", required=True)
+@click.option("--model", default=None, help="One model: the detailed report (phases, FLOPs, top ops).")
+@click.option("--models", "models_", default=None,
+              help="Comma-separated models, or 'all': one table row per model, fp32 and bf16 (where native), "
+                   "each benchmark in its own process.")
 @click.option("--dataset", required=True)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE")
 @click.option("--batches", type=click.IntRange(min=1), default=200, show_default=True,
               help="Training batches to time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report(s) as JSON (for scripts).")
 @trainer_options
 @click.pass_context
-def bench(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], batches: int, **kw) -> None:
+def bench(ctx: click.Context, model: str | None, models_: str | None, dataset: str, params: tuple[str, ...],
+          batches: int, as_json: bool, **kw) -> None:
     """Time training batches and one full evaluation; print FLOPs, FLOP/s and MFU.
 
     \b
-    Example:
+    Examples:
       harness bench --model sasrec --dataset toys --data-dir ../shared/data
+      harness bench --models all --dataset toys --batches 50 --lid-epochs 1
     """
-    from harness.bench import benchmark, format_report
+    import json
 
-    spec = run_spec(ctx, model, dataset, params, kw)
-    report = benchmark(spec, n_batches=batches)
-    _console().print(format_report(report))
+    from harness.bench import benchmark, bench_models, format_models_table, format_report, report_dict
+
+    if (model is None) == (models_ is None):
+        raise click.UsageError("give --model NAME or --models LIST|all")
+    if model is not None:
+        report = benchmark(run_spec(ctx, model, dataset, params, kw), n_batches=batches)
+        if as_json:
+            click.echo(json.dumps(report_dict(report)))
+        else:
+            _console().print(format_report(report))
+        return
+    import models as registry
+    from harness.train import bf16_available, resolve_device
+
+    names = [n for n in registry.names() if "/" not in n] if models_ == "all" else [m for m in models_.split(",") if m]
+    if kw["precision"] == "auto":
+        precisions = ["fp32", "bf16"] if bf16_available(resolve_device(kw["device"])) else ["fp32"]
+    else:
+        precisions = [kw["precision"]]
+    rows = bench_models(run_spec(ctx, names[0], dataset, params, kw), names, precisions, batches,
+                        echo=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        from rich.console import Console
+
+        Console(width=max(_console().width, 200)).print(format_models_table(rows))  # never fold the columns
 
 
 @cli.group()
