@@ -10,6 +10,7 @@ phase (building batches, forward, backward, optimizer step) so a slow part is vi
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from harness.errors import HarnessError
 from harness.runs import RunSpec, build_model, load_data
 from harness.train import autocast, evaluate, make_optimizer, resolve_device, resolve_precision, seed_everything
 
@@ -39,8 +41,10 @@ class BenchReport:
     eval_seconds: float = 0.0
     epoch_start_seconds: float = 0.0  # the model's once-per-epoch preparation (ICLRec/ICSRec k-means)
     eval_flops: float = 0.0
-    peak_flops: float = 0.0
+    peak_flops: float = 0.0  # measured matmul FLOP/s of this precision
     top_ops: list[tuple[str, float]] = field(default_factory=list)  # (op, share of self CPU/CUDA time)
+    precision: str = "fp32"
+    peak_memory: float = 0.0  # bytes: process peak RSS (CPU, measured in a fresh process) or CUDA peak
 
     @property
     def train_seconds(self) -> float:
@@ -55,9 +59,9 @@ class BenchReport:
         return self.flops.get("total", 0.0) / max(self.train_seconds - self.phase_seconds.get("batches", 0), 1e-9)
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeat: int = 10) -> float:
-    """Measured dense matmul FLOP/s (fp32 on CPU, bf16 on CUDA as under autocast)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device: torch.device, precision: str = "fp32", n: int = 2048, repeat: int = 10) -> float:
+    """Measured dense (n x n) @ (n x n) matmul FLOP/s in the given precision: MFU's denominator."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -104,6 +108,8 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
             loss = model.loss(batch)["loss"]
         return loss
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for batch in epoch[:warmup]:
         loss = step(batch.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -157,7 +163,16 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
         n_batches=n_batches, samples=samples, epoch_samples=data.n_train_samples(), epoch_batches=len(epoch),
         positions=int(sum(b.items.numel() for b in timed)), phase_seconds=phases, flops=flops,
         eval_seconds=eval_seconds, epoch_start_seconds=epoch_start, eval_flops=2.0 * data.n_users * d * (data.n_items + 1),
-        peak_flops=matmul_peak(device), top_ops=top_ops)
+        peak_flops=matmul_peak(device, precision), top_ops=top_ops, precision=precision,
+        peak_memory=_peak_memory(device))
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 def profile_ops(model, optimizer, batches, device: torch.device, step) -> list[tuple[str, float]]:
@@ -205,7 +220,8 @@ def format_report(r: BenchReport):
     from rich.table import Table
 
     scale = r.epoch_samples / max(r.samples, 1)
-    table = Table(title=f"bench: {r.model} on {r.dataset} ({r.device}, {r.threads} threads)", show_header=False)
+    table = Table(title=f"bench: {r.model} on {r.dataset} ({r.device}, {r.threads} threads, {r.precision})",
+                  show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
     rows = [
@@ -220,9 +236,10 @@ def format_report(r: BenchReport):
         ("FLOPs per epoch: total (counted)", f"{r.flops['total'] * scale / 1e12:.3f} T"),
         ("FLOPs per evaluation (2·users·d·items)", f"{r.eval_flops / 1e9:.1f} G"),
         ("achieved FLOP/s (training compute phases)", f"{r.achieved / 1e9:.1f} G"),
-        ("measured matmul peak", f"{r.peak_flops / 1e9:.1f} G"),
+        (f"measured matmul peak ({r.precision})", f"{r.peak_flops / 1e9:.1f} G"),
         ("MFU", f"{100 * r.achieved / r.peak_flops:.1f}%"),
         ("evaluation FLOP/s", f"{r.eval_flops / r.eval_seconds / 1e9:.1f} G"),
+        ("peak memory", f"{r.peak_memory / 2**30:.2f} GiB"),
     ]
     for k, v in rows:
         table.add_row(k, v)
@@ -231,4 +248,95 @@ def format_report(r: BenchReport):
         table.add_row(f"time: {phase}", f"{s:.2f} s ({100 * s / total:.0f}%)")
     for name, share in r.top_ops:
         table.add_row(f"op time: {name}", f"{100 * share:.0f}%")
+    return table
+
+
+# ------------------------------------------------------------------------- many models
+def report_dict(r: BenchReport) -> dict:
+    """A report as plain JSON data, with the derived figures scripts want."""
+    d = dataclasses.asdict(r)
+    d.update(seconds_per_epoch=r.seconds_per_epoch, train_seconds=r.train_seconds, achieved_flops=r.achieved,
+             mfu=r.achieved / r.peak_flops if r.peak_flops else 0.0,
+             flops_per_epoch=r.flops.get("total", 0.0) * r.epoch_samples / max(r.samples, 1))
+    return d
+
+
+def bench_in_subprocess(spec: RunSpec, n_batches: int) -> dict:
+    """One benchmark in a fresh process: its peak memory is this model's alone, and nothing one
+    model leaves behind (caches, allocator state, threads) slows the next."""
+    import json
+    import subprocess
+
+    blob = json.dumps({"spec": {**dataclasses.asdict(spec), "data_dir": str(spec.data_dir),
+                                "cache_dir": str(spec.cache_dir)}, "n_batches": n_batches})
+    proc = subprocess.run([sys.executable, "-c", "import sys; from harness.bench import _child; _child(sys.argv[1])",
+                           blob], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HarnessError(f"bench {spec.model} ({spec.train.precision}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(blob: str) -> None:
+    import json
+    from pathlib import Path
+
+    from harness.train import TrainConfig
+
+    args = json.loads(blob)
+    raw = args["spec"]
+    spec = RunSpec(**{**raw, "train": TrainConfig(**raw["train"]), "data_dir": Path(raw["data_dir"]),
+                      "cache_dir": Path(raw["cache_dir"])})
+    print(json.dumps(report_dict(benchmark(spec, n_batches=args["n_batches"]))))
+
+
+def bench_models(base: RunSpec, models: list[str], precisions: list[str], n_batches: int,
+                 echo=print) -> list[dict]:
+    """`bench` of every model in every precision (each in its own process); rows in order."""
+    out = []
+    for model in models:
+        for precision in precisions:
+            spec = dataclasses.replace(base, model=model, train=dataclasses.replace(base.train, precision=precision))
+            echo(f"bench {model} ({precision}) ...")
+            out.append(bench_in_subprocess(spec, n_batches))
+    return out
+
+
+def format_models_table(rows: list[dict]):
+    """One row per model: s/epoch per precision, evaluation, FLOPs, FLOP/s, MFU, peak memory."""
+    from rich.table import Table
+
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["precision"]] = r
+    precisions = [p for p in ("fp32", "bf16") if any(p in v for v in by_model.values())]
+    first = rows[0]
+    peaks = ", ".join(f"{p} {next(v[p] for v in by_model.values() if p in v)['peak_flops'] / 1e9:.0f} G"
+                      for p in precisions)
+    table = Table(title=f"bench: {first['dataset']} ({first['device']}, {first['threads']} threads; "
+                        f"measured matmul peak {peaks}FLOP/s)")
+    table.add_column("model")
+    for p in precisions:
+        table.add_column(f"s/epoch {p}", justify="right")
+    if len(precisions) == 2:
+        table.add_column("bf16 speed-up", justify="right")
+    table.add_column("eval s", justify="right")
+    table.add_column("TFLOP/epoch", justify="right")
+    for p in precisions:
+        table.add_column(f"GFLOP/s {p}", justify="right")
+        table.add_column(f"MFU {p}", justify="right")
+    for p in precisions:
+        table.add_column(f"peak mem {p}", justify="right")
+    for model, per in by_model.items():
+        cells = [model]
+        cells += [f"{per[p]['seconds_per_epoch']:.1f}" if p in per else "-" for p in precisions]
+        if len(precisions) == 2:
+            both = all(p in per for p in precisions)
+            cells.append(f"{per['fp32']['seconds_per_epoch'] / per['bf16']['seconds_per_epoch']:.2f}x" if both else "-")
+        any_row = next(iter(per.values()))
+        cells += [f"{any_row['eval_seconds']:.2f}", f"{any_row['flops_per_epoch'] / 1e12:.2f}"]
+        for p in precisions:
+            cells += ([f"{per[p]['achieved_flops'] / 1e9:.0f}", f"{100 * per[p]['mfu']:.1f}%"] if p in per else ["-", "-"])
+        cells += [f"{per[p]['peak_memory'] / 2**30:.2f} GiB" if p in per else "-" for p in precisions]
+        table.add_row(*cells)
     return table

@@ -41,3 +41,30 @@ def test_bench_counts_the_per_epoch_kmeans_in_the_epoch_time(tmp_path):
     assert r.epoch_start_seconds > 0
     batches_only = r.train_seconds / r.samples * r.epoch_samples
     assert r.seconds_per_epoch == batches_only + r.epoch_start_seconds
+
+
+def test_bench_many_models_table_and_json(tmp_path):
+    import json
+
+    args = ["--cache-dir", str(tmp_path), "bench", "--models", "sasrec,gru4rec", "--dataset", "synthetic",
+            "--batches", "2", "--device", "cpu", "--precision", "fp32", "--param", "max_len=20"]
+    # a model-specific --param applies to every model only if each knows it: max_len is the trainer's
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0 and "max_len" in result.output
+    args = args[:-2]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output.strip().splitlines()[-1])
+    assert [(r["model"], r["precision"]) for r in rows] == [("sasrec", "fp32"), ("gru4rec", "fp32")]
+    for r in rows:
+        assert r["seconds_per_epoch"] > 0 and r["flops_per_epoch"] > 0 and 0 < r["mfu"] < 1
+        assert r["peak_memory"] > 0 and r["eval_seconds"] > 0
+    table = CliRunner().invoke(cli, args, terminal_width=200)
+    assert table.exit_code == 0, table.output
+    for head in ("s/epoch fp32", "eval s", "TFLOP/epoch", "MFU fp32", "peak mem fp32", "gru4rec"):
+        assert head in table.output
+
+
+def test_bench_wants_one_of_model_or_models(tmp_path):
+    result = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path), "bench", "--dataset", "synthetic"])
+    assert result.exit_code != 0 and "--model" in result.output
