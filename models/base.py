@@ -82,11 +82,21 @@ class Dropout(nn.Dropout):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`; with attention dropout on a CPU, the same math spelled
+    """`F.scaled_dot_product_attention`. On a CPU: with attention dropout, the same math spelled
     out so that the dropout mask is `keep_mask`'s (the fused kernel has no dropout on a CPU and
-    falls back to this very computation with `bernoulli_`). `attn_mask`: bool, True = attend."""
-    if dropout_p == 0.0 or q.device.type != "cpu":
+    falls back to this very computation with `bernoulli_`); without, bf16 inputs are attended
+    in fp32. `attn_mask`: bool, True = attend."""
+    if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+    if dropout_p == 0.0:
+        if q.dtype == torch.float32:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        # torch's CPU flash-attention kernel is several times slower in bf16 than in fp32 (its
+        # backward most: IGR-SR's frozen LID, trained through for its prefix/intent tokens)
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                               is_causal=is_causal)
+        return y.to(q.dtype)
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if is_causal:
         L, S = q.shape[-2], k.shape[-2]
