@@ -105,3 +105,69 @@ def item_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     with torch.autocast(h.device.type, enabled=False):
         s = h.float() @ weight.float().T
         return s if bias is None else s + bias.float()
+
+
+class _EnsembleObjective(torch.autograd.Function):
+    """ReaRec-ERL's objective from one block of step logits per row; see `ensemble_objective`."""
+
+    @staticmethod
+    def forward(ctx, o, weight, target, temperature, kl_weight, dtype):
+        B, T, d = o.shape
+        N = weight.shape[0]
+        need_grad = any(ctx.needs_input_grad[:2])
+        h = (o / temperature).reshape(B * T, d).to(dtype)
+        wc = weight.to(dtype)
+        grad_h = torch.empty(B * T, d, dtype=torch.float32, device=o.device) if need_grad else None
+        grad_w = torch.zeros(N, weight.shape[1], dtype=torch.float32, device=o.device) if need_grad else None
+        ce_sum = torch.zeros((), dtype=torch.float32, device=o.device)
+        kl_sum = torch.zeros((), dtype=torch.float32, device=o.device)
+        pairs = B * T * (T - 1)
+        rows = _block_rows(B, T * N, None)
+        for b0 in range(0, B, rows):
+            hb, tb = h[b0 * T:(b0 + rows) * T], target[b0:b0 + rows]
+            nb = tb.shape[0]
+            rr = torch.arange(nb, device=o.device)
+            z = (hb @ wc.T).float().view(nb, T, N)  # step logits z_j = o_j W^T / tau
+            zsum = z.sum(1)
+            # CE of the ensemble: the mean of the step logits
+            zm = zsum / T
+            lse_m = torch.logsumexp(zm, dim=1)
+            ce_sum += (lse_m - zm[rr, tb]).sum()
+            # pairwise KL(p_j || sg(p_i)) summed over i != j is E_{p_j}[T z_j - sum_i z_i] (the
+            # log-sum-exps cancel), with the gradient of (T-1)(E_pj[z_j] - lse_j) - E_pj[sg(...)]
+            p = torch.softmax(z, dim=2)
+            w = z.mul_(T).sub_(zsum[:, None])  # z is not needed any more
+            ew = (p * w).sum(2, keepdim=True)
+            kl_sum += ew.sum()
+            if need_grad:
+                g = w.sub_(ew).mul_(p).mul_(-kl_weight / pairs)  # d(-kl_weight * KL) / d z_j
+                pm = torch.exp_(zm.sub_(lse_m[:, None]))  # softmax of the mean logits
+                pm[rr, tb] -= 1
+                g += pm.div_(B * T)[:, None]  # d CE / d z_j = (softmax - one-hot) / (B T)
+                gd = g.view(nb * T, N).to(dtype)
+                grad_h[b0 * T:(b0 + nb) * T] = gd @ wc
+                grad_w += gd.T @ hb
+        ce, kl = ce_sum / B, kl_sum / pairs
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.shape, ctx.temperature, ctx.dtypes = (B, T, d), temperature, (o.dtype, weight.dtype)
+        ctx.mark_non_differentiable(ce, kl)
+        return ce - kl_weight * kl, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        grad_h, grad_w = ctx.saved_tensors
+        g = grad_loss.float()
+        do, dw = ctx.dtypes
+        grad_o = (grad_h * (g / ctx.temperature)).view(ctx.shape).to(do)
+        return grad_o, (grad_w * g).to(dw), None, None, None, None
+
+
+def ensemble_objective(o: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, temperature: float,
+                       kl_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ReaRec-ERL's loss without its (rows x steps x items) autograd graph: returns
+    (CE(mean_j z_j) - kl_weight * KL, CE, KL) for step outputs o (B, T, d), step logits
+    z_j = o_j @ weight.T / temperature, KL = the mean over rows and ordered step pairs i != j of
+    KL(softmax z_j || sg(softmax z_i)). The same values and gradients as building the logits and
+    calling `models.rearec.pairwise_kl` (tests/test_losses.py); CE and KL come back detached."""
+    return _EnsembleObjective.apply(o, weight, target, temperature, kl_weight, _compute_dtype(o))

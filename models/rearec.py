@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Dropout, SequentialRecommender, attention, init_weights, last_position
-from models.losses import item_scores, linear_cross_entropy
+from models.losses import ensemble_objective, item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
 
@@ -190,10 +190,11 @@ class ReaRecERL(ReaRec):
         o, _ = self.reason(batch.items, batch.lengths)
         if self.cfg.kl_weight == 0:
             return {"loss": self.item_ce(self.user_vector(o), batch.target)}
-        ce = self.item_ce(self.user_vector(o), batch.target)  # the mean vector's logits = the steps' mean
-        step_logits = self.item_logits(o)  # (B, K+1, N)
-        kl = pairwise_kl(step_logits)
-        return {"loss": ce - self.cfg.kl_weight * kl, "ce": ce.detach(), "kl": kl.detach()}
+        # CE of the mean vector's logits (= the steps' mean) - kl_weight * pairwise_kl(step logits),
+        # fused: the (B, K+1, N) step logits never enter autograd
+        loss, ce, kl = ensemble_objective(o, self.item_emb.weight, batch.target, self.cfg.temperature,
+                                          self.cfg.kl_weight)
+        return {"loss": loss, "ce": ce, "kl": kl}
 
 
 def pairwise_kl(logits: torch.Tensor) -> torch.Tensor:

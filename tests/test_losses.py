@@ -160,3 +160,27 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert "no native bf16" in result.output and "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_ensemble_objective_is_rearec_erl_loss(steps):
+    from models.losses import ensemble_objective
+    from models.rearec import pairwise_kl
+
+    g = torch.Generator().manual_seed(1)
+    o = (torch.randn(9, steps, 8, generator=g) * 0.5).requires_grad_()
+    w = (torch.randn(70, 8, generator=g) * 0.5).requires_grad_()
+    t = torch.randint(1, 70, (9,), generator=g)
+    tau, kw = 0.3, 0.05
+    logits = o @ w.T / tau
+    ref_ce = F.cross_entropy(logits.mean(1), t)
+    ref_kl = pairwise_kl(logits)
+    ref = ref_ce - kw * ref_kl
+    ref_grads = torch.autograd.grad(ref, [o, w])
+    loss, ce, kl = ensemble_objective(o, w, t, tau, kw)
+    grads = torch.autograd.grad(loss, [o, w])
+    assert float(ce) == pytest.approx(float(ref_ce.detach()), rel=1e-6)
+    assert float(kl) == pytest.approx(float(ref_kl.detach()), rel=1e-5, abs=1e-6)
+    assert not ce.requires_grad and not kl.requires_grad
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
