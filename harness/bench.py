@@ -22,7 +22,8 @@ import torch
 
 from harness.errors import HarnessError
 from harness.runs import RunSpec, build_model, load_data
-from harness.train import autocast, evaluate, make_optimizer, resolve_device, resolve_precision, seed_everything
+from harness.train import (autocast, evaluate, keep_freed_memory, make_optimizer, resolve_device, resolve_precision,
+                           seed_everything)
 
 
 @dataclass
@@ -84,6 +85,7 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
 
     device = resolve_device(spec.train.device)
     precision = resolve_precision(spec.train.precision, device)
+    keep_freed_memory()  # as fit() does
     data = load_data(spec)
     model, _, _ = build_model(spec, data, progress=True)
     model.to(device).train()
