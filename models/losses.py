@@ -6,13 +6,14 @@ of an epoch's FLOPs, and `F.cross_entropy` on autograd-tracked logits is memory-
 the logits, upcasts them, writes log-probabilities, and its backward reads and writes the whole
 matrix again before the two matmuls. Here a block of rows is scored (one matmul), turned into
 probabilities by one native softmax, and at once into the gradient of the logits (softmax minus
-the one-hot target), in place; the two gradient matmuls follow while that block is hot, and the
-block is dropped. The backward only scales the stored gradients by the incoming one. Memory is
-one row block's logits plus the gradients of h and weight, whatever the batch; blocks are cut
-so that a block's logits stay near `_BLOCK_BYTES`.
+the one-hot target), in place; the gradient of h follows while that block is hot, and the
+block's logit gradient is kept in the matmul dtype for one gradient-of-weight matmul over all
+rows at the end. The backward only scales the stored gradients by the incoming one. Memory: one
+row block's fp32 logits (`_BLOCK_BYTES`), the rows' logit gradients in the matmul dtype, and the
+gradients of h and weight; nothing of it is held by autograd.
 
 Same loss and gradients as `F.cross_entropy(h @ weight.T + bias, target)` to fp32 rounding
-(tests/test_losses.py). Precision: under an enabled autocast (bf16) the three matmuls take
+(tests/test_losses.py). Precision: under an enabled autocast (bf16) the matmuls take
 bf16 operands and the softmax reads bf16 logits, as autocast's own `linear` +
 `cross_entropy` would (whose logit gradient is also rounded to bf16 for the matmuls); the
 softmax accumulates in fp32 and every gradient is accumulated in fp32. Without autocast
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-_BLOCK_BYTES = 64 << 20  # fp32 bytes of one row block's logits
+_BLOCK_BYTES = 8 << 20  # fp32 bytes of one row block's logits: a block's softmax passes stay in cache
 _TINY = 1e-30  # a target probability below this is recomputed from the log-sum-exp (no underflow)
 
 
@@ -47,7 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bc = None if bias is None else bias.to(dtype)
         losses = torch.empty(R, dtype=torch.float32, device=h.device)
         grad_h = torch.empty(R, h.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
-        grad_w = torch.zeros(N, weight.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
+        g_all = torch.empty(R, N, dtype=dtype, device=h.device) if need_grad else None
         grad_b = None if bias is None or not need_grad else torch.zeros(N, dtype=torch.float32, device=h.device)
         rows = _block_rows(R, N, block_rows)
         for r0 in range(0, R, rows):
@@ -66,10 +67,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = p  # d loss_row / d logits = softmax - one-hot, in place
                 g[rr, tr] -= 1
                 grad_h[r0:r0 + rows] = g @ wc
-                grad_w += g.T @ hr
+                g_all[r0:r0 + rows] = g
                 if grad_b is not None:
                     grad_b += g.sum(0, dtype=torch.float32)
         if need_grad:
+            grad_w = (g_all.T @ hc).float()  # one matmul over all rows, not one sum per block
             ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return losses.mean()
@@ -90,7 +92,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
 
     h (R, d), weight (N, d) (rows are the scored items, e.g. the tied item embeddings), bias
     (N,) or None, target (R,) indices into weight's rows. `block_rows` fixes the row block
-    (tests); by default a block's logits take about 64 MiB."""
+    (tests); by default a block's logits take about 8 MiB."""
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()) * 0.0
     return _LinearCrossEntropy.apply(h, weight, bias, target, block_rows, _compute_dtype(h))
@@ -118,7 +120,7 @@ class _EnsembleObjective(torch.autograd.Function):
         h = (o / temperature).reshape(B * T, d).to(dtype)
         wc = weight.to(dtype)
         grad_h = torch.empty(B * T, d, dtype=torch.float32, device=o.device) if need_grad else None
-        grad_w = torch.zeros(N, weight.shape[1], dtype=torch.float32, device=o.device) if need_grad else None
+        g_all = torch.empty(B * T, N, dtype=dtype, device=o.device) if need_grad else None
         ce_sum = torch.zeros((), dtype=torch.float32, device=o.device)
         kl_sum = torch.zeros((), dtype=torch.float32, device=o.device)
         pairs = B * T * (T - 1)
@@ -146,9 +148,10 @@ class _EnsembleObjective(torch.autograd.Function):
                 g += pm.div_(B * T)[:, None]  # d CE / d z_j = (softmax - one-hot) / (B T)
                 gd = g.view(nb * T, N).to(dtype)
                 grad_h[b0 * T:(b0 + nb) * T] = gd @ wc
-                grad_w += gd.T @ hb
+                g_all[b0 * T:(b0 + nb) * T] = gd
         ce, kl = ce_sum / B, kl_sum / pairs
         if need_grad:
+            grad_w = (g_all.T @ h).float()
             ctx.save_for_backward(grad_h, grad_w)
         ctx.shape, ctx.temperature, ctx.dtypes = (B, T, d), temperature, (o.dtype, weight.dtype)
         ctx.mark_non_differentiable(ce, kl)
