@@ -123,7 +123,8 @@ def _print_result(record) -> None:
     from harness.metrics import METRIC_NAMES
 
     res = record.result
-    table = Table(title=f"{record.model} on {record.dataset} (seed {record.seed}, best epoch "
+    table = Table(title=f"{record.model} on {record.dataset} (seed {record.seed}, "
+                        f"{record.train_config.get('precision', 'fp32')}, best epoch "
                         f"{res['best_epoch']} of {res['epochs_run']})")
     table.add_column("split")
     for name in METRIC_NAMES:
