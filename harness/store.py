@@ -110,8 +110,15 @@ def open_storage(url: str | None, heartbeat: int | None = None, retry: bool = Tr
     if scheme.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}
     try:
-        with quiet_experimental():
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+        for attempt in range(3):
+            try:
+                with quiet_experimental():
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            except Exception as e:
+                # processes opening a brand-new database at once race to create its tables; the
+                # loser sees "duplicate key" / "already exists" and finds them made on a second try
+                if attempt == 2 or not re.search(r"duplicate key|already exists", str(e)):
+                    raise
     except ImportError as e:
         raise HarnessError(f"--storage {shown}: its database driver is not installed ({e}); "
                            "for PostgreSQL: pip install psycopg2-binary") from None
@@ -308,6 +315,19 @@ def _heartbeat_interval(storage: optuna.storages.BaseStorage) -> int | None:
     """Seconds between heartbeats of a database storage opened with them; None otherwise."""
     get = getattr(storage, "get_heartbeat_interval", None)  # the storages that can beat have it
     return get() if get is not None else None
+
+
+def one_line_thread_errors(echo: Callable[[str], None]) -> None:
+    """Optuna beats a database trial's heartbeat from a thread; a server restart makes that
+    thread raise, and Python would print its traceback. Say it in one line instead: the
+    trial goes on, and a heartbeat that stays silent is judged by the others like any other."""
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        echo(f"warning: {args.thread.name if args.thread else 'a thread'}: "
+             f"{args.exc_type.__name__}: {first_line(args.exc_value) if args.exc_value else ''}")
+
+    threading.excepthook = hook
 
 
 def pending_retries(study: optuna.Study) -> list[FrozenTrial]:

@@ -28,11 +28,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import faults
 from harness.errors import HarnessError, first_line
-from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, open_storage, pending_retries,
-                           quiet_experimental, recover, safe_url)
+from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, one_line_thread_errors, open_storage,
+                           pending_retries, quiet_experimental, recover, safe_url)
 from harness.studies import TRAINER_KEYS, SearchParam, TuneJob, make_objective, make_pruner, make_sampler
 
 MAX_FAILURES_IN_A_ROW = 5  # a worker stops when this many trials in a row fail (a broken setup)
+MAX_STORAGE_ERRORS_IN_A_ROW = 8  # a worker stops when its storage keeps failing (a database down for good)
 MIN_TRIALS_FOR_IMPORTANCE = 10  # PED-ANOVA compares the top 10 % with the rest
 TOP_N = 10
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -164,16 +165,31 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
     objective = make_objective(job, artifact_store(job.results_dir))
     printer = _TrialPrinter(echo, prefix)
     deadline = None if job.timeout is None else time.monotonic() + job.timeout
+    lost = 0  # storage calls failed in a row (a database restart, a network cut)
     while printer.gave_up is None:
-        for number in recover(study):
-            echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
-        retries = pending_retries(study)
-        if not retries and (retries_only or finished_count(study) >= job.target):
-            break
-        if deadline is not None and time.monotonic() >= deadline and not retries:
-            break  # --timeout starts no new trial, but a dead worker's retry is still owed
-        with quiet_experimental():
-            study.optimize(objective, n_trials=1, callbacks=[printer], catch=(Exception,), gc_after_trial=False)
+        try:
+            for number in recover(study):
+                echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
+            retries = pending_retries(study)
+            if not retries and (retries_only or finished_count(study) >= job.target):
+                break
+            if deadline is not None and time.monotonic() >= deadline and not retries:
+                break  # --timeout starts no new trial, but a dead worker's retry is still owed
+            with quiet_experimental():
+                study.optimize(objective, n_trials=1, callbacks=[printer], catch=(Exception,), gc_after_trial=False)
+            lost = 0
+        except Exception as e:
+            # The objective's own errors are caught by optimize (catch=...); what escapes is the
+            # storage failing under Optuna's bookkeeping (a lost database connection, and what
+            # Optuna raises after it: "Cannot tell a FAIL trial" once the silent trial was
+            # failed by its heartbeat). The trial in flight is left to its heartbeat: whoever
+            # looks next, this worker once the server is back or another, fails and retries it.
+            lost += 1
+            reason = f"{type(e).__name__}: {first_line(e)}"
+            if lost >= MAX_STORAGE_ERRORS_IN_A_ROW:
+                return f"the storage kept failing ({reason})"
+            echo(f"{prefix}warning: storage call failed ({reason}); retrying")
+            time.sleep(min(job.heartbeat, 5) * lost)
     return printer.gave_up
 
 
@@ -275,6 +291,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         raise HarnessError(f"{flag}: {job.study_file.path} sets {clash[0]} for every trial; drop the flag "
                            "or edit the study file")
     _check_runnable(job)
+    one_line_thread_errors(echo)
     datasets.load(job.dataset, job.base.data_dir, job.base.cache_dir)  # a missing dataset: one line, now
     if worker is not None:
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -304,7 +321,11 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         # to notice: run those here, so the study is never summarised with a retry owed
         gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True)
         problems += [gave_up] if gave_up else []
-    return summarize(study, job, problems)
+    try:
+        return summarize(study, job, problems)
+    except OSError as e:  # the study itself is stored; only its files could not be written
+        raise HarnessError(f"--results-dir {job.results_dir}: cannot write the study's summary "
+                           f"({e.strerror or e}); the trials are stored, rerun to write it") from None
 
 
 # ---------------------------------------------------------------------------------------------

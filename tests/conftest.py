@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,59 @@ def small_split():
     d = SequenceData(items=flat, offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                      user_ids=np.arange(1, len(seqs) + 1), n_items=SMALL_ITEMS)
     return LeaveOneOut(d, max_len=SMALL_MAX_LEN)
+
+
+# ---- a throwaway PostgreSQL server: initdb + pg_ctl on a free loopback port in a temporary
+# directory (as the `postgres` user when run as root: initdb refuses root)
+
+def postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent  # /usr/local/bin may hold links to some tools only
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not found (initdb): apt-get install postgresql")
+    pytest.importorskip("psycopg2", reason="the psycopg2 client is not installed: pip install psycopg2-binary")
+    as_postgres: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="harness-pg-"))  # not under pytest's 0700 tmp dirs
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            shutil.chown(root, "postgres")
+        except LookupError:
+            pytest.skip("running as root and there is no `postgres` user to run initdb as")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_postgres, str(bindir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    pg("initdb", "-D", str(root / "data"), "-A", "trust", "-U", "harness", "--no-sync")
+    pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start",
+       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "harness", "optuna")
+        yield {"url": f"postgresql://harness@127.0.0.1:{port}/optuna",
+               "restart": lambda: pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-m", "fast", "-w",
+                                  "restart")}
+    finally:
+        pg("pg_ctl", "-D", str(root / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    return postgres_server["url"]
+
+
+@pytest.fixture
+def postgres_restart(postgres_server):
+    """Restart the server (fast shutdown: open connections are cut, as in a real restart)."""
+    return postgres_server["restart"]

@@ -2,23 +2,17 @@
 workers on one study, one killed with SIGKILL mid-trial; its trial is failed by its stale
 heartbeat and retried (RetryHeartbeatStaleTrialCallback), and the study completes.
 
-The server: initdb + pg_ctl on a free loopback port in a temporary directory (as the
-`postgres` user when run as root: initdb refuses root). Skipped, with the reason, when the
-PostgreSQL binaries or the psycopg2 client are absent (`.ci/run` installs both)."""
+The server is conftest's `postgres_url` (skipped, with the reason, when the PostgreSQL
+binaries or the psycopg2 client are absent; `.ci/run` installs both)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
-import pytest
 
 from harness.store import open_storage
 
@@ -33,46 +27,6 @@ layers = { type = "int", low = 1, high = 2 }
 lr = { type = "float", low = 1e-3, high = 1e-2, log = true }
 """
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HARNESS_AUTO_FETCH": "0"}
-
-
-def postgres_bin() -> Path | None:
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent  # /usr/local/bin may hold links to some tools only
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return candidates[-1].parent if candidates else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    bindir = postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries not found (initdb): apt-get install postgresql")
-    pytest.importorskip("psycopg2", reason="the psycopg2 client is not installed: pip install psycopg2-binary")
-    as_postgres: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="harness-pg-"))  # not under pytest's 0700 tmp dirs
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            shutil.chown(root, "postgres")
-        except LookupError:
-            pytest.skip("running as root and there is no `postgres` user to run initdb as")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def pg(tool: str, *args: str) -> None:
-        subprocess.run([*as_postgres, str(bindir / tool), *args], check=True, capture_output=True, timeout=120)
-
-    pg("initdb", "-D", str(root / "data"), "-A", "trust", "-U", "harness", "--no-sync")
-    pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start",
-       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off")
-    try:
-        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "harness", "optuna")
-        yield f"postgresql://harness@127.0.0.1:{port}/optuna"
-    finally:
-        pg("pg_ctl", "-D", str(root / "data"), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_killed_worker_is_failed_by_heartbeat_and_retried(postgres_url, tmp_path):
