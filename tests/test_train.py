@@ -153,3 +153,24 @@ def test_interrupted_fit_resumes_to_the_same_result(data, tmp_path):
     assert seen == [3, 4]  # only the missing epochs ran
     assert [r["loss"] for r in resumed.curves] == [r["loss"] for r in straight.curves]
     assert np.array_equal(resumed.test_ranks, straight.test_ranks)
+
+
+def test_precision_is_part_of_the_run_identity(tmp_path):
+    """The LID is pre-trained in the run's precision and cached under it; run records carry it."""
+    from harness.runs import load_data, resume_path
+    from harness.train import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    spec = RunSpec(model="igr-sr", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                   train=TrainConfig(epochs=1, device="cpu", batch_size=128, precision="fp32"), lid_epochs=1,
+                   params={"d_l": "8", "k": "2", "m": "2"})
+    data = load_data(spec)
+    _, cfg, fp32 = build_model(spec, data, progress=False)
+    bf16_spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, precision="bf16"))
+    _, _, bf16 = build_model(bf16_spec, data, progress=False)
+    assert fp32["key"] != bf16["key"] and bf16["recipe"]["precision"] == "bf16"
+    assert resume_path(spec, data, cfg) != resume_path(bf16_spec, data, cfg)
+    record = run(dataclasses.replace(bf16_spec, model="sasrec", params={"hidden": "8", "inner": "16"}),
+                 progress=False)
+    assert record.train_config["precision"] == "bf16"
