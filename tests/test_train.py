@@ -169,7 +169,7 @@ def test_precision_is_part_of_the_run_identity(tmp_path):
     _, cfg, fp32 = build_model(spec, data, progress=False)
     bf16_spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, precision="bf16"))
     _, _, bf16 = build_model(bf16_spec, data, progress=False)
-    assert fp32["key"] != bf16["key"] and bf16["recipe"]["precision"] == "bf16"
+    assert fp32["key"] != bf16["key"] and not bf16["cached"]
     assert resume_path(spec, data, cfg) != resume_path(bf16_spec, data, cfg)
     record = run(dataclasses.replace(bf16_spec, model="sasrec", params={"hidden": "8", "inner": "16"}),
                  progress=False)
