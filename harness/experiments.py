@@ -22,10 +22,10 @@ from optuna.trial import TrialState
 
 from harness import faults
 from harness.errors import HarnessError, first_line
-from harness.runs import NOISE_ON, RunSpec, run
+from harness.runs import NOISE_ON, TRAINER_KEYS, RunSpec, run, train_identity
 from harness.store import (artifact_store, check_writable, claim_lock, heartbeat, open_storage, recover, store_record,
                            this_worker)
-from harness.studies import TRAINER_KEYS, load_study_file, study_file_for
+from harness.studies import load_study_file, study_file_for
 
 PROPOSED = "igr-sr"
 VARIANTS = ("igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr")
@@ -59,14 +59,9 @@ class Cell:
 
     def run_spec(self, base: RunSpec) -> RunSpec:
         """The cell's run: `base` (trainer flags, data, cache) with its model, data, noise, seed
-        and parameters (trainer keys to the trainer, the rest to the model's config)."""
-        values = dict(self.params)
-        return dataclasses.replace(
-            base, model=self.model, dataset=self.dataset, noise=self.noise, noise_seed=self.seed,
-            noise_on=self.noise_on,
-            train=dataclasses.replace(base.train, seed=self.seed,
-                                      **{k: v for k, v in values.items() if k in TRAINER_KEYS}),
-            params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
+        and parameters."""
+        return base.with_values(dict(self.params), model=self.model, dataset=self.dataset, noise=self.noise,
+                                noise_seed=self.seed, noise_on=self.noise_on, seed=self.seed)
 
 
 # ------------------------------------------------------------------------------------ params
@@ -191,7 +186,7 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
     returns only when the grid is whole."""
     storage = open_storage(storage_url, heartbeat=HEARTBEAT, retry=False, echo=echo)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    train = {k: v for k, v in dataclasses.asdict(base.train).items() if k not in ("device", "eval_batch_size", "seed")}
+    train = train_identity(base.train, drop=("seed",))  # the seed is the cell's
     keys = [c.key(train) for c in cells]
     by_key = dict(zip(keys, cells))
     noise_on = next((c.noise_on for c in cells if c.noise), "all")  # the noisy cells' reading, for captions

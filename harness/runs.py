@@ -24,6 +24,16 @@ from harness.train import (EpochCallback, FitResult, TrainConfig, fit, resolve_d
                            seed_everything)
 
 NOISE_ON = ("all", "train", "eval")
+TRAINER_KEYS = ("lr", "weight_decay", "batch_size")  # TrainConfig fields a study or cell may set
+# Where and in what slices a run computes, not what it computes: kept out of a run's identity
+# (a study resumed on a GPU machine, or with a bigger evaluation batch, holds the same runs).
+NOT_IDENTITY = ("device", "eval_batch_size")
+
+
+def train_identity(train: TrainConfig, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The trainer settings that define a run's numbers (run keys, study definitions, cell keys,
+    the LID's recipe, resume checkpoints): every TrainConfig field but NOT_IDENTITY and `drop`."""
+    return {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_IDENTITY and k not in drop}
 
 
 @dataclass
@@ -42,6 +52,17 @@ class RunSpec:
     # and the validation/test histories), "train" (evaluation reads the clean histories) or
     # "eval" (training on clean data, evaluation reads the perturbed histories)
     noise_on: str = "all"
+
+    def with_values(self, values: dict[str, Any], **changes: Any) -> "RunSpec":
+        """This spec with parameter values set: trainer keys (lr, weight_decay, batch_size) go to
+        the TrainConfig, every other key to the model's config; `changes` replace fields (model,
+        dataset, noise...) and `seed` the trainer's seed."""
+        train = {k: v for k, v in values.items() if k in TRAINER_KEYS}
+        if "seed" in changes:
+            train["seed"] = changes.pop("seed")
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **train),
+                                   params={**self.params, **{k: v for k, v in values.items() if k not in TRAINER_KEYS}},
+                                   **changes)
 
 
 @dataclass
@@ -118,8 +139,7 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     lid_train = TrainConfig(epochs=spec.lid_epochs, patience=spec.lid_patience, seed=spec.train.seed,
                             device=spec.train.device, eval_batch_size=spec.train.eval_batch_size,
                             max_len=spec.train.max_len, mask_history=False, precision=spec.train.precision)
-    recipe = {k: v for k, v in dataclasses.asdict(lid_train).items()
-              if k not in ("device", "eval_batch_size")}
+    recipe = train_identity(lid_train)
     # pre-trained on the training data alone, early-stopped on that data's own validation
     # histories, so one encoder serves every evaluation reading of the same training data
     lid_data = data.training_only()
@@ -170,7 +190,7 @@ def resume_path(spec: RunSpec, data: LeaveOneOut, model_cfg) -> Path:
     import hashlib
 
     key = json.dumps({"model": spec.model, "data": data.content_key, "config": dataclasses.asdict(model_cfg),
-                      "train": {k: v for k, v in dataclasses.asdict(spec.train).items() if k != "eval_batch_size"},
+                      "train": train_identity(spec.train),
                       "lid": [spec.lid_epochs, spec.lid_patience]}, sort_keys=True)
     return spec.cache_dir / "resume" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"  # data hash covers noise
 

@@ -39,11 +39,11 @@ from optuna.trial import FrozenTrial
 
 from harness import faults
 from harness.errors import HarnessError, first_line
+from harness.runs import TRAINER_KEYS
 from harness.store import quiet_experimental, requeue, store_record, this_worker
 
 
 STUDY_DIRS = (Path("studies"), Path(__file__).resolve().parent.parent / "studies")
-TRAINER_KEYS = ("lr", "weight_decay", "batch_size")  # TrainConfig fields a study may set
 METRIC = "valid_ndcg@10"
 TOP_KEYS = ("model", "description", "metric", "direction", "trials", "sampler", "pruner", "fixed",
             "space", "enqueue")
@@ -409,11 +409,8 @@ class TuneJob:
 
 
 def trial_spec(job: TuneJob, params: dict[str, Any]):
-    """RunSpec of one trial: trainer keys go to TrainConfig, the rest to the model's config."""
-    values = {**job.study_file.fixed, **params}
-    train = dataclasses.replace(job.base.train, **{k: v for k, v in values.items() if k in TRAINER_KEYS})
-    return dataclasses.replace(job.base, model=job.study_file.model, dataset=job.dataset, train=train,
-                               params={k: v for k, v in values.items() if k not in TRAINER_KEYS})
+    """RunSpec of one trial: the study file's fixed values, then the trial's."""
+    return job.base.with_values({**job.study_file.fixed, **params}, model=job.study_file.model, dataset=job.dataset)
 
 
 def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:

@@ -30,7 +30,8 @@ from harness import faults
 from harness.errors import HarnessError, first_line
 from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, one_line_thread_errors, open_storage,
                            pending_retries, quiet_experimental, recover, safe_url)
-from harness.studies import TRAINER_KEYS, SearchParam, TuneJob, make_objective, make_pruner, make_sampler
+from harness.runs import TRAINER_KEYS, train_identity
+from harness.studies import SearchParam, TuneJob, make_objective, make_pruner, make_sampler
 
 MAX_FAILURES_IN_A_ROW = 5  # a worker stops when this many trials in a row fail (a broken setup)
 MAX_STORAGE_ERRORS_IN_A_ROW = 8  # a worker stops when its storage keeps failing (a database down for good)
@@ -49,8 +50,7 @@ def study_definition(job: TuneJob) -> dict:
     changes the metric), except the device and those the study file sets itself."""
     sf = job.study_file
     set_by_file = {*sf.fixed, *(p.name for p in sf.space)}
-    train = {k: v for k, v in dataclasses.asdict(job.base.train).items()
-             if k not in ("device", "eval_batch_size") and k not in set_by_file}
+    train = train_identity(job.base.train, drop=tuple(set_by_file))
     return {"model": sf.model, "dataset": job.dataset, "metric": sf.metric, "direction": sf.direction,
             "fixed": {k: sf.fixed[k] for k in sorted(sf.fixed)},
             "space": {p.name: p.describe() for p in sf.space},
