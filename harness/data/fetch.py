@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from harness.data.registry import DATASETS, DatasetInfo, canonical_name
+from harness.data.catalog import DATASETS, DatasetInfo, canonical_name
 from harness.data.sequences import write_sequences
 from harness.errors import HarnessError
 
