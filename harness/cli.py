@@ -429,20 +429,7 @@ def dashboard(ctx: click.Context, storage: str | None, host: str, port: int) -> 
     serve_dashboard(storage, host, port, ctx.obj["results_dir"], echo=click.echo)
 
 
-# ---- experiments: ablate / compare / robustness / sensitivity, and report ------------------
-
-def _experiment(ctx: click.Context, kind: str, datasets: str, models_: str, seeds: int, params: str,
-                storage: str | None, kw: dict, **extra) -> None:
-    from harness.experiments import experiment
-
-    base = run_spec(ctx, "sasrec", datasets.split(",")[0], (), kw)
-    name, made = experiment(kind, [d for d in datasets.split(",") if d], [m for m in models_.split(",") if m],
-                            seeds, params, base, storage, ctx.obj["results_dir"], echo=click.echo, **extra)
-    for _, tex, table in made:
-        _console().print(table)
-        click.echo(f"LaTeX: {tex}  (CSV and figures beside it)")
-    click.echo(f"study {name!r} in {storage or 'studies/optuna.journal'}; `harness report` rebuilds every table")
-
+# ---- experiments: one command per registered kind (harness/kinds/), and report -------------
 
 _SEEDS = click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
                       help="Seeds per cell: --seed, --seed + 1, ... (2020, 2021, ... by default).")
@@ -452,94 +439,47 @@ _STORAGE = click.option("--storage", envvar="HARNESS_STORAGE", default=None,
                         help="Study storage (default studies/optuna.journal).")
 
 
-@cli.command()
-@click.option("--dataset", required=True)
-@click.option("--variants", default=",".join(("igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr")),
-              show_default=True)
-@_SEEDS
-@_PARAMS
-@_STORAGE
-@trainer_options
-@click.pass_context
-def ablate(ctx: click.Context, dataset: str, variants: str, seeds: int, params_source: str, storage, **kw) -> None:
-    """Figure 2: IGR-SR and its ablation variants over seeds (resumable).
+def _experiment_command(kind) -> click.Command:
+    """`harness KIND`: the shared experiment options, the kind's own, the trainer flags."""
+    own = {p.name for p in _params_of(kind.options)}
 
-    \b
-    Example:
-      harness ablate --dataset toys --data-dir ../shared/data --seeds 2 --epochs 30
-    """
-    _experiment(ctx, "ablate", dataset, variants, seeds, params_source, storage, kw)
+    @click.pass_context
+    def command(ctx: click.Context, dataset: str, seeds: int, params_source: str, storage: str | None, **kw) -> None:
+        from harness.experiments import experiment
 
+        options = {k: kw.pop(k) for k in list(kw) if k in own}
+        base = run_spec(ctx, "sasrec", dataset.split(",")[0], (), kw)
+        name, made = experiment(kind.name, [d for d in dataset.split(",") if d], seeds, params_source, base, storage,
+                                ctx.obj["results_dir"], echo=click.echo, **options)
+        for _, tex, table in made:
+            _console().print(table)
+            click.echo(f"LaTeX: {tex}  (CSV and figures beside it)")
+        click.echo(f"study {name!r} in {storage or 'studies/optuna.journal'}; `harness report` rebuilds every table")
 
-@cli.command()
-@click.option("--dataset", required=True, help="One or more, comma-separated.")
-@click.option("--models", "models_", default="sasrec,igr-sr", show_default=True)
-@_SEEDS
-@_PARAMS
-@_STORAGE
-@trainer_options
-@click.pass_context
-def compare(ctx: click.Context, dataset: str, models_: str, seeds: int, params_source: str, storage, **kw) -> None:
-    """Table 2: every listed model over seeds, with paired t-tests (resumable).
-
-    \b
-    Example:
-      harness compare --dataset toys,instrument --models sasrec,igr-sr --seeds 5
-    """
-    _experiment(ctx, "compare", dataset, models_, seeds, params_source, storage, kw)
+    command = trainer_options(command)
+    for option in reversed([click.option("--dataset", required=True, help=kind.dataset_help), *kind.options,
+                            _SEEDS, _PARAMS, _STORAGE]):
+        command = option(command)
+    return click.command(kind.name, help=kind.help)(command)
 
 
-@cli.command()
-@click.option("--dataset", required=True)
-@click.option("--noise", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
-@click.option("--noise-on", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True,
-              help="Which histories are perturbed: all (training samples and the validation/test "
-                   "histories), train (evaluation reads clean histories) or eval (clean training, "
-                   "perturbed evaluation histories). Targets are never perturbed.")
-@click.option("--models", "models_", default="sasrec,igr-sr", show_default=True)
-@_SEEDS
-@_PARAMS
-@_STORAGE
-@trainer_options
-@click.pass_context
-def robustness(ctx: click.Context, dataset: str, noise: float, noise_on: str, models_: str, seeds: int,
-               params_source: str, storage, **kw) -> None:
-    """Table 3: clean vs noisy data, Recall@10 and its relative drop (resumable).
+def _params_of(decorators) -> list[click.Parameter]:
+    def probe():
+        pass
 
-    \b
-    Example:
-      harness robustness --dataset toys --noise 0.2 --models sasrec,igr-sr --seeds 1
-    """
-    _experiment(ctx, "robustness", dataset, models_, seeds, params_source, storage, kw, noise=noise,
-                noise_on=noise_on)
+    for decorator in decorators:
+        probe = decorator(probe)
+    return getattr(probe, "__click_params__", [])
 
 
-def _ints(value: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
+def _add_experiment_commands() -> None:
+    from harness import kinds
+
+    for name in kinds.names():
+        cli.add_command(_experiment_command(kinds.get(name)))
 
 
-@cli.command()
-@click.option("--dataset", required=True)
-@click.option("--k", "ks", default="2,4,8,16,32", show_default=True, help="Prefix token counts.")
-@click.option("--m", "ms", default="1,2,3,4,5", show_default=True, help="Intent token counts.")
-@_SEEDS
-@_PARAMS
-@_STORAGE
-@trainer_options
-@click.pass_context
-def sensitivity(ctx: click.Context, dataset: str, ks: str, ms: str, seeds: int, params_source: str,
-                storage, **kw) -> None:
-    """Figure 3: IGR-SR over a grid of prefix (k) and intent (m) token counts (resumable).
-
-    \b
-    Example:
-      harness sensitivity --dataset toys --k 2,8,32 --m 1,3,5 --seeds 1
-    """
-    _experiment(ctx, "sensitivity", dataset, "igr-sr", seeds, params_source, storage, kw,
-                ks=_ints(ks, "--k"), ms=_ints(ms, "--m"))
+_add_experiment_commands()
 
 
 @cli.command()
@@ -553,10 +493,10 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
     Example:
       harness report --out results/report
     """
-    from harness.report import build_report
+    from harness.experiments import report_experiments
 
     target = Path(out) if out else ctx.obj["results_dir"] / "report"
-    made = build_report(storage, ctx.obj["results_dir"], target)
+    made = report_experiments(storage, ctx.obj["results_dir"], target)
     for _, tex, table in made:
         _console().print(table)
         click.echo(f"LaTeX: {tex}")

@@ -1,7 +1,9 @@
-"""The paper's experiments as grids of runs over seeds (DESIGN §3): ablate, compare,
-robustness and sensitivity. Each experiment is an Optuna study in the tuning storage, one
-trial per cell (model or variant x dataset x noise x params x seed), no sampler or pruner:
-trials are made with ask/tell, so the dashboard browses them and `harness report` reads them.
+"""The paper's experiments as grids of runs over seeds: any registered kind (harness/kinds/:
+ablate, compare, robustness, sensitivity) says what its grid varies; this module resolves
+each model's parameters, runs the cells and renders the reports. Each experiment is an Optuna
+study in the tuning storage, one trial per cell (model or variant x dataset x noise x params x
+seed), no sampler or pruner: trials are made with ask/tell, so the dashboard browses them and
+`harness report` reads them.
 
 Resumable: a cell is identified by everything that defines its run; cells already COMPLETE
 are skipped, a cell whose worker died is marked FAILED and run again, so a crash loses at
@@ -20,20 +22,15 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from harness import faults
+from harness import faults, kinds
 from harness.errors import HarnessError, first_line
+from harness.report import LABELS
 from harness.runs import NOISE_ON, TRAINER_KEYS, RunSpec, run, train_identity
 from harness.store import (artifact_store, check_writable, claim_lock, heartbeat, open_storage, recover, store_record,
                            this_worker)
 from harness.studies import load_study_file, study_file_for
 
-PROPOSED = "igr-sr"
-VARIANTS = ("igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr")
-LABELS = {"igr-sr": "IGR-SR", "igr-sr/wo-lid": "w/o LID", "igr-sr/concat": "w/o cross-attn (concat)",
-          "igr-sr/wo-icr": "w/o ICR", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec",
-          "iclrec": "ICLRec", "icsrec": "ICSRec", "rearec-erl": "ReaRec-ERL", "rearec-prl": "ReaRec-PRL",
-          "lares": "LARES", "lares-ssl": "LARES (stage 1)"}
-KINDS = ("ablate", "compare", "robustness", "sensitivity")
+PROPOSED = "igr-sr"  # a variant's parameters come from IGR-SR's study
 
 
 @dataclass(frozen=True)
@@ -270,7 +267,7 @@ def experiment_studies(storage) -> list[tuple[str, dict]]:
     out = []
     for summary in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
         exp = summary.user_attrs.get("experiment")
-        if isinstance(exp, dict) and exp.get("kind") in KINDS:
+        if isinstance(exp, dict) and exp.get("kind") in kinds.names():
             out.append((summary.study_name, exp))
     return out
 
@@ -286,36 +283,55 @@ def completed_cells(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     # in the definition's order (the --models / --variants order), not the order they finished
     return [by_cell[k] for k in dict.fromkeys(order) if k in by_cell]
 
-def experiment(kind: str, datasets: list[str], models_: list[str], seeds: int, source: str, base: RunSpec,
-               storage_url: str | None, results_dir: Path, echo: Callable[[str], None] = print,
-               noise: float = 0.2, ks: list[int] | None = None, ms: list[int] | None = None,
-               name: str | None = None, noise_on: str = "all") -> tuple[str, list]:
-    """Build the grid of one experiment, run its missing cells, then write its report.
-    Returns the study name and the report's (name, tex path, rich table) entries."""
+def experiment(kind: str, datasets: list[str], seeds: int, source: str, base: RunSpec, storage_url: str | None,
+               results_dir: Path, echo: Callable[[str], None] = print, name: str | None = None,
+               **options: Any) -> tuple[str, list]:
+    """Build the grid of one experiment (`options` are its kind's command options), run its
+    missing cells, then write its report. Returns the study name and the report's (name, tex
+    path, rich table) entries."""
     import models
 
-    from harness.report import build_report
-
-    if kind not in KINDS:
-        raise HarnessError(f"unknown experiment {kind!r}")
-    for model in models_:
+    try:
+        axes = kinds.get(kind).axes(**options)
+    except KeyError as e:
+        raise HarnessError(e.args[0]) from None
+    for model in axes.models:
         try:
             models.get(model)
         except KeyError as e:
             raise HarnessError(f"--models: {e.args[0]}") from None
+    if axes.noise_on not in NOISE_ON:
+        raise HarnessError(f"--noise-on {axes.noise_on!r}: choose from {', '.join(NOISE_ON)}")
     storage = open_storage(storage_url)
-    rates = (0.0, noise) if kind == "robustness" else (0.0,)
-    extra = [{"k": k, "m": m} for k in ks or [] for m in ms or []] if kind == "sensitivity" else None
     # --seed is the first seed: `--seeds 1 --seed 2021` runs one seed's cells (e.g. on a second
     # machine) that a later `--seeds 2` finds done
-    if noise_on not in NOISE_ON:
-        raise HarnessError(f"--noise-on {noise_on!r}: choose from {', '.join(NOISE_ON)}")
-    cells, notes = grid(models_, datasets, seeds, source, storage, noise=rates, extra=extra,
-                        first_seed=base.train.seed, noise_on=noise_on)
-    check_runnable(cells, base, results_dir, source, models_)
+    cells, notes = grid(axes.models, datasets, seeds, source, storage, noise=axes.noise, extra=axes.extra,
+                        first_seed=base.train.seed, noise_on=axes.noise_on)
+    check_runnable(cells, base, results_dir, source, axes.models)
     for note in notes:
         echo(f"params: {note}")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"
     run_experiment(kind, name, cells, base, storage_url, results_dir, notes, echo)
-    made = [m for m in build_report(storage_url, results_dir, results_dir / "report") if m[0] == name]
-    return name, made
+    return name, report_experiments(storage_url, results_dir, results_dir / "report", only=name)
+
+
+def report_experiments(storage_url: str | None, results_dir: Path, out: Path,
+                       only: str | None = None) -> list[kinds.Output]:
+    """Every experiment study in the storage (or the one named `only`) -> its kind's .tex,
+    .csv and figures under `out`, from the stored runs. Returns (study name, tex path, rich
+    renderable) per table."""
+    from harness.report import runs_frame
+
+    storage = open_storage(storage_url)
+    store = artifact_store(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    made: list[kinds.Output] = []
+    for name, exp in experiment_studies(storage):
+        if only is not None and name != only:
+            continue
+        runs = runs_frame(completed_cells(optuna.load_study(study_name=name, storage=storage)))
+        if runs.empty:
+            continue
+        ctx = kinds.ReportContext(name=name, base=out / name.replace("/", "_"), store=store, experiment=exp)
+        made += kinds.get(exp["kind"]).report(runs, ctx)
+    return made

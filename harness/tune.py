@@ -417,38 +417,27 @@ def summarize(study: optuna.Study, job: TuneJob, problems: list[str]) -> TuneSum
 
 
 def latex_top_trials(top: list[FrozenTrial], job: TuneJob, study_name: str) -> str:
-    """Booktabs table of the top trials, marked and captioned like harness.report's tables."""
+    """Booktabs table of the top trials (rows: trial and its parameters), metrics marked per
+    column and captioned like the experiments' tables."""
     import pandas as pd
 
-    from harness.report import latex_escape, protocol_caption, rank_marks
+    from harness.tables import Table, latex_escape, protocol_caption
 
     space = [p.name for p in job.study_file.space]
     metrics = {"valid NDCG@10": lambda t: t.value}
     for name in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"):
         label = f"test {name.replace('recall', 'Recall').replace('ndcg', 'NDCG')}"
         metrics[label] = lambda t, name=name: t.user_attrs.get("test", {}).get(name)
-    frame = pd.DataFrame({label: [get(t) for t in top] for label, get in metrics.items()}, dtype=float)
-    marks = {col: rank_marks(frame[col]) for col in frame.columns}
-    header = ["trial", *space, *metrics]
-    lines = [r"\begin{table}[t]", r"\centering",
-             rf"\caption{{Top trials of study {latex_escape(study_name)} ({latex_escape(job.study_file.model)} on "
-             rf"{latex_escape(job.dataset)}) by validation NDCG@10, which selects and prunes; test metrics of "
-             rf"each trial's best-validation checkpoint; at most {job.base.train.epochs} epochs per trial. "
-             rf"{protocol_caption(mask_history=job.base.train.mask_history, max_len=job.base.train.max_len, stars=False)}}}",
-             rf"\label{{tab:tune-{re.sub(r'[^A-Za-z0-9:-]', '-', study_name)}}}",
-             rf"\begin{{tabular}}{{{'l' * (1 + len(space)) + 'c' * len(metrics)}}}", r"\toprule",
-             " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for i, t in enumerate(top):
-        cells = [str(t.number), *(latex_escape(_fmt(t.params[p])) if p in t.params else "--" for p in space)]
-        for col in frame.columns:
-            v = frame.loc[i, col]
-            text = "--" if pd.isna(v) else f"{v:.4f}"
-            mark = marks[col].get(i)
-            cells.append(rf"\textbf{{{text}}}" if mark == "best" else rf"\underline{{{text}}}" if mark == "second"
-                         else text)
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    index = pd.MultiIndex.from_tuples([(str(t.number), *(_fmt(t.params[p]) if p in t.params else "--" for p in space))
+                                       for t in top], names=["trial", *space])
+    frame = pd.DataFrame({label: [get(t) for t in top] for label, get in metrics.items()}, index=index, dtype=float)
+    caption = (rf"Top trials of study {latex_escape(study_name)} ({latex_escape(job.study_file.model)} on "
+               rf"{latex_escape(job.dataset)}) by validation NDCG@10, which selects and prunes; test metrics of "
+               rf"each trial's best-validation checkpoint; at most {job.base.train.epochs} epochs per trial. "
+               + protocol_caption(mask_history=job.base.train.mask_history, max_len=job.base.train.max_len,
+                                  stars=False))
+    label = f"tab:tune-{re.sub(r'[^A-Za-z0-9:-]', '-', study_name)}"
+    return Table(mean=frame, caption=caption, label=label, highlight="column").to_latex()
 
 
 def format_summary(s: TuneSummary):

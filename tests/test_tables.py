@@ -1,0 +1,69 @@
+"""The one LaTeX writer: bold/underline at the printed precision, std and stars, booktabs
+that compiles, every table kind through it."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from harness.tables import Table, latex_table, protocol_caption, rank_marks
+
+
+def test_rank_marks_with_ties_at_printed_precision():
+    row = pd.Series({"a": 0.05001, "b": 0.05004, "c": 0.0400, "d": 0.0400, "e": 0.0300})
+    marks = rank_marks(row)  # a and b both print 0.0500: both best; c and d second
+    assert marks == {"a": "best", "b": "best", "c": "second", "d": "second"}
+    assert rank_marks(pd.Series({"x": 0.1})) == {"x": "best"}
+
+
+def table_2() -> Table:
+    idx = pd.MultiIndex.from_tuples([("Toys", "Recall@10"), ("Toys", "NDCG@10")], names=["Dataset", "Metric"])
+    mean = pd.DataFrame({"SASRec": [0.0708, 0.0344], "LARES": [0.0731, 0.0354], "IGR-SR": [0.0802, 0.0372]},
+                        index=idx)
+    stars = pd.DataFrame(False, index=idx, columns=mean.columns)
+    stars.loc[("Toys", "Recall@10"), "IGR-SR"] = True
+    return Table(mean=mean, stars=stars, caption=protocol_caption(seeds=1), label="tab:overall")
+
+
+def test_table_marks_best_bold_second_underlined_star_on_proposed_cell():
+    tex = table_2().to_latex()
+    recall_row = next(line for line in tex.splitlines() if line.startswith("Toys & Recall@10"))
+    assert recall_row == r"Toys & Recall@10 & 0.0708 & \underline{0.0731} & \textbf{0.0802}$^*$ \\"
+    ndcg_row = next(line for line in tex.splitlines() if "NDCG@10" in line)
+    assert ndcg_row.startswith(" & NDCG@10")  # repeated dataset label printed once
+    assert r"\textbf{0.0372}" in ndcg_row and "$^*$" not in ndcg_row
+    assert r"\toprule" in tex and r"\bottomrule" in tex and "tab:overall" in tex
+
+
+def test_table_with_std_and_column_highlight(tmp_path):
+    mean = pd.DataFrame({"Recall@10": [0.08, 0.07, 0.075]}, index=["IGR-SR", "w/o LID", "w/o ICR"])
+    std = pd.DataFrame({"Recall@10": [0.001, 0.002, 0.003]}, index=mean.index)
+    t = Table(mean=mean, std=std, highlight="column", caption="x")
+    tex = t.to_latex()
+    assert r"\textbf{0.0800}{\scriptsize$\pm$0.0010}" in tex
+    assert r"\underline{0.0750}" in tex and "w/o LID & 0.0700" in tex
+    t.to_csv(tmp_path / "t.csv")
+    assert "Recall@10 std" in (tmp_path / "t.csv").read_text()
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (Debian texlive-latex-recommended)")
+def test_generated_latex_compiles(tmp_path):
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                   + table_2().to_latex() + "\\end{document}\n")
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_grouped_rows_get_a_midrule_between_groups_and_none_before_the_bottom_rule():
+    idx = pd.MultiIndex.from_tuples([("Toys", "SASRec"), ("Toys", "IGR_SR"), ("CDs", "SASRec")],
+                                    names=["Dataset", "Method"])
+    tex = latex_table(pd.DataFrame({"Clean": ["1", "2", "3"]}, index=idx), "cap", "tab:x")
+    lines = tex.splitlines()
+    assert r"\cline" not in tex and lines.count(r"\midrule") == 2  # under the header, between datasets
+    end = lines.index(r"\bottomrule")
+    assert lines[end - 4:end] == [r"Toys & SASRec & 1 \\", r" & IGR\_SR & 2 \\", r"\midrule", r"CDs & SASRec & 3 \\"]
