@@ -85,8 +85,10 @@ class Tune:
             env["HARNESS_FAULT"] = fault
         self.log = self.tmp / f"run{len(self.outputs)}.log"
         self.outputs.append("")
+        # a shell's background job (CI run with `&`) ignores SIGINT, and a child would inherit that:
+        # give the command the default disposition a terminal's foreground job has
         return subprocess.Popen([sys.executable, "-m", "harness", *self.args], env=env, stdout=open(self.log, "w"),
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
 
     def finish(self, process: subprocess.Popen, timeout: float = 300) -> int:
         try:
@@ -108,6 +110,10 @@ class Tune:
             return {t.number for t in self.study().get_trials(states=(S.COMPLETE,))}
         except KeyError:
             return set()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def check_invariants(tune: Tune, complete_before: set[int]) -> dict:
