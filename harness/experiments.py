@@ -64,10 +64,10 @@ class Cell:
 # ------------------------------------------------------------------------------------ params
 
 def default_params(model: str) -> dict[str, Any]:
-    """The paper's defaults: the first enqueued trial of the model's study file, if any."""
-    path = study_file_for(model)
+    """The paper's defaults: the first enqueued trial of the model's study file, if any (a
+    model without a study file runs at its config's defaults)."""
     try:
-        sf = load_study_file(path)
+        sf = load_study_file(study_file_for(model))
     except HarnessError:
         return {}
     return dict(sf.enqueue[0]) if sf.enqueue else {}
