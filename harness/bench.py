@@ -1,8 +1,8 @@
-"""`harness bench`: time training batches and a full evaluation, count the FLOPs (DESIGN §7),
+"""`harness bench`: time training batches and a full evaluation, count the FLOPs,
 and report achieved FLOP/s against this machine's measured matmul throughput (MFU).
 
 FLOPs are counted, not estimated, with torch's FlopCounterMode (every matmul and attention of
-forward + backward) on the same batches that were timed, then split as DESIGN §7 does: the
+forward + backward) on the same batches that were timed, then split in two: the
 output layer (scores against every item) and the encoder (everything else; per-module attribution is left out on purpose: torch
 attributes the backward of ops outside submodules, like the output layer, to the wrong
 module). Time is split by

@@ -296,7 +296,7 @@ def list_models() -> None:
 
 
 # =============================================================================================
-# Tuning (issue 3): `harness tune`, `harness studies`, `harness dashboard`. The logic lives in
+# Tuning: `harness tune`, `harness studies`, `harness dashboard`. The logic lives in
 # harness/studies.py (study files, storage, objective) and harness/tune.py (studies, workers,
 # summary); both are imported inside the commands so that `harness --help` stays fast.
 # =============================================================================================

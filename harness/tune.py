@@ -206,7 +206,7 @@ def threads_per_worker(workers: int) -> int:
 
 
 def _gpus(job: TuneJob) -> list[str]:
-    """GPU ids to hand out one per worker (DESIGN §6), when the device allows more than one."""
+    """GPU ids to hand out one per worker, when the device allows more than one."""
     if job.base.train.device not in ("auto", "cuda"):
         return []
     import torch

@@ -22,7 +22,7 @@ masking in `recbole/data/transform.py` MaskItemSequence) and the paper (Sun et a
 
 Which rows it trains on (layout "prefix"): RecBole does not train BERT4Rec on one row per
 user: its SequentialDataset augments every sequential model's data into all prefixes, and
-MaskItemSequence masks each prefix's history. DESIGN §4 fixes the same protocol for every model
+MaskItemSequence masks each prefix's history. The harness's fixed protocol is the same for every model
 ("training samples are all prefixes"), so here each training row is one prefix sample of the
 "prefix" layout: its history plus its own next item (a training item; the validation and test
 targets are never in a training row), cut to the most recent `max_len` items. Cloze masking

@@ -67,15 +67,10 @@ Choices and deviations:
   last target (`batch.target`), which leaks nothing.
 - Contrastive similarities are computed in fp32 (concatenated dot products reach thousands).
 
-Seen on Amazon Toys (lr 1e-3, full CE): with both contrastive weights 0 the model is SASRec
-to the digit after 5 epochs (test R@10 0.0633 / NDCG@10 0.0309); at 0.01 it learns a little
-slower. At the code's 0.1 the early epochs belong to the contrastive terms: the CE stays near
-ln N (9.38 -> 9.28 over epochs 1-9) while the sequence term falls from 28 to 3.2, so a 5-epoch
-run scores test R@10 0.0117. It is a slow start, not a failure: the CE then falls steadily
-(7.20 at epoch 40, the sequence term climbing back to 5.6 as the two objectives pull apart),
-and 40 epochs give test R@10 0.0809 / NDCG@10 0.0420 (valid 0.0986 / 0.0507, still rising),
-above the IGR-SR paper's Toys figures (0.0716 / 0.0348). The code itself runs up to 300 epochs
-with patience 40, so give ICLRec a generous epoch cap and patience.
+Slow start: at the code's contrastive weights (0.1) the first epochs belong to the contrastive
+terms and the CE barely moves; with both weights 0 the model is SASRec exactly. The code trains
+up to 300 epochs with patience 40, so give ICLRec a generous epoch cap and patience (measured
+curves: docs/results.md).
 """
 from __future__ import annotations
 

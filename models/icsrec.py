@@ -65,11 +65,8 @@ Choices (where the code gave no usable answer or this harness differs):
 - The code's CE also scores an unused mask-token column (item_size = max_item + 2); here the
   columns are padding + items, as every model of the harness.
 
-Seen on Amazon Toys (the code's defaults, lr 1e-3): a slow start, as ICLRec's: valid R@10 0.008
-after epoch 1 (CE 9.17 while the fine term is 27), 0.055 after 11, 0.099 after 30; 40 epochs give
-test R@10 0.0881 / NDCG@10 0.0451 (best epoch 39 of 40, still rising), above the IGR-SR paper's
-0.0711 / 0.0342. 155 s per epoch at 1 thread: 115 s of batches, ~36 s of clustering (encoding
-109k samples + 5 k-means runs), 5 s of validation. The code runs up to 300 epochs, patience 40.
+Slow start, as ICLRec's: the fine-grained term dominates the first epochs (curves and the time
+split of an epoch: docs/results.md). The code runs up to 300 epochs with patience 40.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IGR-SR: intent-guided reasoning for sequential recommendation (paper section 3, DESIGN §5).
+"""IGR-SR: intent-guided reasoning for sequential recommendation (the paper's section 3).
 
 Pieces:
 - LatentIntentDistiller (LID): a pre-trained SASRec of width d_l, FROZEN (no gradients, always
@@ -21,7 +21,7 @@ Pieces:
   The paper does not say which pass carries the recommendation loss: here the CE is averaged
   over the two masked views; total = CE + cl_weight * InfoNCE. Inference: unmasked T_D.
 
-Variants (DESIGN §5): use_lid=False (w/o LID: the IDR with no cross-attention, no intents),
+Variants (the paper's ablation): use_lid=False (w/o LID: the IDR with no cross-attention, no intents),
 fusion="concat" (T_D prepended to the item sequence, positions counted over the whole
 concatenation, self-attention only: the "positional contamination" the paper avoids),
 use_icr=False (w/o ICR: one unmasked pass, no contrastive term; cl_weight=0 does the same).

@@ -59,10 +59,6 @@ Choices (not fixed by what could be read):
 
 Missing: stage 2, reinforcement post-training (GRPO with ranking rewards over groups of
 sampled reasoning trajectories); no random reasoning depth during training.
-
-Seen on Amazon Toys (defaults, lr 1e-3, early-stopped): test R@10 0.0879 / NDCG@10 0.0426, best
-epoch 16 of 21, 48 s per epoch at 1 thread; the IGR-SR paper's LARES (both stages) has 0.0731 /
-0.0354 there. Stage 1 alone is not weaker than the paper's figure under this protocol.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Noisy training data for the robustness experiment (the paper's Table 3, DESIGN §4).
+"""Noisy training data for the robustness experiment (the paper's Table 3; see ARCHITECTURE.md's protocol).
 
 Exactly round(rate x training items) training positions, drawn uniformly over all users'
 training parts, get a uniformly random *different* item. The validation and test targets (each

@@ -1,4 +1,4 @@
-"""Leave-one-out split and batching (DESIGN §4).
+"""Leave-one-out split and batching (the fixed protocol of ARCHITECTURE.md).
 
 Per user: the last item is the test target, the second-to-last the validation target, and
 every prefix of the rest gives a training sample (history -> next item), the history cut to
