@@ -13,6 +13,8 @@ models that recompute something from the training split each epoch (ICLRec's k-m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
@@ -20,6 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.losses import item_scores, linear_cross_entropy
+
+
+@dataclass
+class TransformerConfig:
+    """What every transformer model of the harness shares (SASRec's recipe as RecBole sets it):
+    width, FFN width, heads, dropout on the blocks and on attention weights, history length,
+    LayerNorm epsilon and init std. Each model's config extends it with its own fields (layer
+    counts included: LARES counts pre-block and core layers instead of one stack)."""
+
+    hidden: int = 64
+    inner: int = 256
+    heads: int = 2
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    max_len: int = 50
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
 
 
 class SequentialRecommender(nn.Module):

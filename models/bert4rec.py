@@ -42,24 +42,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import Dropout, SequentialRecommender, init_weights
+from models.base import Dropout, SequentialRecommender, TransformerConfig, init_weights
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
 
 @dataclass
-class BERT4RecConfig:
-    hidden: int = 64
-    inner: int = 256
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.2
+class BERT4RecConfig(TransformerConfig):
+    dropout: float = 0.2  # RecBole's BERT4Rec defaults, not SASRec's 0.5
     attn_dropout: float = 0.2
+    layers: int = 2
     mask_ratio: float = 0.2
     ft_ratio: float = 0.5  # probability that a batch masks only each row's last item
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
 
 
 def append_token(items: torch.Tensor, lengths: torch.Tensor, token: torch.Tensor,

@@ -37,23 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import (CrossAttention, Dropout, FeedForward, SelfAttention, SequentialRecommender, dropout,
-                         info_nce, init_weights, last_position)
+from models.base import (CrossAttention, Dropout, FeedForward, SelfAttention, SequentialRecommender,
+                         TransformerConfig, dropout, info_nce, init_weights, last_position)
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import SASRec
 
 
 @dataclass
-class IGRSRConfig:
-    hidden: int = 64
-    inner: int = 256
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
+class IGRSRConfig(TransformerConfig):
+    layers: int = 2  # IDR layers (the LID's encoder takes the same count)
     d_l: int = 32  # LID width (paper: 8, 16 or 32)
     k: int = 8  # prefix tokens
     m: int = 3  # <intent> tokens

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, SequentialRecommender, info_nce, init_weights, last_position
+from models.base import Dropout, SequentialRecommender, TransformerConfig, info_nce, init_weights, last_position
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -76,15 +76,7 @@ AGGREGATES = ("add", "concat")
 
 
 @dataclass
-class LARESConfig:
-    hidden: int = 64
-    inner: int = 256
-    heads: int = 2
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
+class LARESConfig(TransformerConfig):
     pre_layers: int = 1  # pre-block A
     core_layers: int = 1  # core block C, shared by all iterations
     iterations: int = 4  # k

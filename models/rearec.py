@@ -55,23 +55,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, SequentialRecommender, attention, init_weights, last_position
+from models.base import Dropout, SequentialRecommender, TransformerConfig, attention, init_weights, last_position
 from models.losses import ensemble_objective, item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
 
 @dataclass
-class ReaRecConfig:
-    hidden: int = 64
-    inner: int = 256
+class ReaRecConfig(TransformerConfig):
     layers: int = 2
-    heads: int = 2
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
     emb_dropout: float = 0.2  # on item and reasoning inputs (hard-coded 0.2 in the code)
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
     reason_steps: int = 2  # K
     temperature: float = 0.07
 

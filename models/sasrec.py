@@ -14,20 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import Dropout, FeedForward, NextItemModel, SelfAttention, init_weights
+from models.base import Dropout, FeedForward, NextItemModel, SelfAttention, TransformerConfig, init_weights
 
 
 @dataclass
-class SASRecConfig:
-    hidden: int = 64
-    inner: int = 256
+class SASRecConfig(TransformerConfig):
     layers: int = 2
-    heads: int = 2
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    max_len: int = 50
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
 
 
 class PostLNBlock(nn.Module):
