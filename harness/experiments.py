@@ -24,14 +24,10 @@ from optuna.trial import TrialState
 
 from harness import faults, kinds
 from harness.errors import HarnessError, first_line
-from harness.report import LABELS
 from harness.runs import NOISE_ON, TRAINER_KEYS, RunSpec, run, train_identity
 from harness.store import (artifact_store, check_writable, claim_lock, heartbeat, open_storage, recover, store_record,
                            this_worker)
 from harness.studies import load_study_file, study_file_for
-
-PROPOSED = "igr-sr"  # a variant's parameters come from IGR-SR's study
-
 
 @dataclass(frozen=True)
 class Cell:
@@ -44,7 +40,9 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.model, self.model)
+        from harness.report import label
+
+        return label(self.model)
 
     def key(self, train: dict) -> str:
         """Everything that defines the run (trainer settings included)."""
@@ -88,7 +86,7 @@ def params_for(model: str, dataset: str, source: str, storage) -> tuple[dict[str
     the parameters it does not pin."""
     import models
 
-    base_model = PROPOSED if model.startswith(PROPOSED) else model
+    base_model = models.get(model).study_model  # a variant: its base model's study
     if source == "best":
         found = best_params(base_model, dataset, storage)
         params, origin = (found, f"best trial of study {base_model}-{dataset}") if found is not None else (

@@ -17,11 +17,14 @@ import pandas as pd
 from harness.metrics import per_user_ndcg, per_user_recall
 from harness.tables import Table, latex_escape, protocol_caption
 
-# how tables name the models (the registry's names are for the command line)
-LABELS = {"igr-sr": "IGR-SR", "igr-sr/wo-lid": "w/o LID", "igr-sr/concat": "w/o cross-attn (concat)",
-          "igr-sr/wo-icr": "w/o ICR", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec",
-          "iclrec": "ICLRec", "icsrec": "ICSRec", "rearec-erl": "ReaRec-ERL", "rearec-prl": "ReaRec-PRL",
-          "lares": "LARES", "lares-ssl": "LARES (stage 1)"}
+def label(model: str) -> str:
+    """How tables name a model: its registry label (a model no longer registered: its name)."""
+    import models
+
+    try:
+        return models.get(model).display
+    except KeyError:
+        return model
 
 ALPHA = 0.01
 
@@ -157,7 +160,7 @@ def runs_frame(trials) -> pd.DataFrame:
     rows = []
     for t in trials:
         c = t.user_attrs["cell_info"]
-        cell = {"model": c["model"], "label": LABELS.get(c["model"], c["model"]), "dataset": c["dataset"],
+        cell = {"model": c["model"], "label": label(c["model"]), "dataset": c["dataset"],
                 "seed": c["seed"], "noise": c["noise"], "ranks": t.user_attrs.get("artifact_ranks"),
                 **{m: t.user_attrs["test"][m] for m in METRICS}}
         rows.append({**{k: v for k, v in c["params"].items() if k not in cell}, **cell})
@@ -196,4 +199,4 @@ def comparison_table(runs: pd.DataFrame, store, kind: str, mask_history: bool, m
                  label=f"tab:{kind}")
 
 
-LABELS_PROPOSED = {"IGR-SR"}
+LABELS_PROPOSED = {"IGR-SR"}  # the column that gets stars: the paper's model

@@ -1,9 +1,12 @@
 """Name -> model factory, in the manner of Optuna's samplers: a small spec per model, entries
 register by name, variants are entries of their own with some config fields fixed.
 
-`requires` names what the harness must build before the factory can run: "lid" is a
-pre-trained, frozen SASRec of width `config.d_l` (the harness pre-trains and caches it; models
-do no I/O).
+The harness asks a spec, never the model or its config, what it needs:
+- `requires(config)`: what must be built before the factory can run; "lid" is a pre-trained,
+  frozen SASRec of width `config.d_l` (the harness pre-trains and caches it; models do no I/O);
+- `label`: the model's name in tables and figures;
+- `study`: whose study file and tuning study give its parameters (a variant takes its base
+  model's, so `--params best` gives an ablation variant IGR-SR's tuned values).
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ class ModelSpec:
     config_cls: type
     factory: Callable[..., nn.Module]
     fixed: dict[str, Any] = field(default_factory=dict)  # config fields a variant pins
-    requires: tuple[str, ...] = ()
+    requires: Callable[[Any], tuple[str, ...]] = lambda config: ()
     description: str = ""
+    label: str = ""  # default: the name
+    study: str = ""  # default: the name
 
     def make_config(self, **overrides: Any):
         clash = set(overrides) & set(self.fixed)
@@ -38,9 +43,15 @@ class ModelSpec:
         return self.config_cls(**{**self.fixed, **overrides})
 
     def needs(self, config) -> tuple[str, ...]:
-        if "lid" in self.requires and not getattr(config, "use_lid", True):
-            return tuple(r for r in self.requires if r != "lid")
-        return self.requires
+        return tuple(self.requires(config))
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    @property
+    def study_model(self) -> str:
+        return self.study or self.name
 
     def build(self, config, n_items: int, **deps: Any) -> nn.Module:
         return self.factory(config, n_items, **deps)
@@ -71,28 +82,34 @@ def _igr_sr(cfg: IGRSRConfig, n_items: int, lid: nn.Module | None = None) -> nn.
     return IGRSR(cfg, n_items, lid_encoder=lid)
 
 
-register(ModelSpec("sasrec", SASRecConfig, lambda cfg, n_items: SASRec(cfg, n_items),
+def _lid_unless_off(cfg: IGRSRConfig) -> tuple[str, ...]:
+    return ("lid",) if cfg.use_lid else ()
+
+
+register(ModelSpec("sasrec", SASRecConfig, lambda cfg, n_items: SASRec(cfg, n_items), label="SASRec",
                    description="SASRec, full-softmax CE (RecBole-equivalent)"))
-register(ModelSpec("igr-sr", IGRSRConfig, _igr_sr, requires=("lid",),
+register(ModelSpec("igr-sr", IGRSRConfig, _igr_sr, requires=_lid_unless_off, label="IGR-SR",
                    description="IGR-SR: frozen-SASRec LID + projection + dual-attention IDR + ICR"))
-register(ModelSpec("igr-sr/wo-lid", IGRSRConfig, _igr_sr, fixed={"use_lid": False},
+register(ModelSpec("igr-sr/wo-lid", IGRSRConfig, _igr_sr, fixed={"use_lid": False}, requires=_lid_unless_off,
+                   label="w/o LID", study="igr-sr",
                    description="ablation: no Latent Intent Distiller (IDR without intents)"))
-register(ModelSpec("igr-sr/concat", IGRSRConfig, _igr_sr, fixed={"fusion": "concat"}, requires=("lid",),
+register(ModelSpec("igr-sr/concat", IGRSRConfig, _igr_sr, fixed={"fusion": "concat"}, requires=_lid_unless_off,
+                   label="w/o cross-attn (concat)", study="igr-sr",
                    description="ablation: intents concatenated to the sequence, no cross-attention"))
-register(ModelSpec("igr-sr/wo-icr", IGRSRConfig, _igr_sr, fixed={"use_icr": False}, requires=("lid",),
-                   description="ablation: no Intent Consistency Regularization"))
-register(ModelSpec("gru4rec", GRU4RecConfig, lambda cfg, n_items: GRU4Rec(cfg, n_items),
+register(ModelSpec("igr-sr/wo-icr", IGRSRConfig, _igr_sr, fixed={"use_icr": False}, requires=_lid_unless_off,
+                   label="w/o ICR", study="igr-sr", description="ablation: no Intent Consistency Regularization"))
+register(ModelSpec("gru4rec", GRU4RecConfig, lambda cfg, n_items: GRU4Rec(cfg, n_items), label="GRU4Rec",
                    description="GRU4Rec, full-softmax CE (RecBole-equivalent)"))
-register(ModelSpec("bert4rec", BERT4RecConfig, lambda cfg, n_items: BERT4Rec(cfg, n_items),
+register(ModelSpec("bert4rec", BERT4RecConfig, lambda cfg, n_items: BERT4Rec(cfg, n_items), label="BERT4Rec",
                    description="BERT4Rec: bidirectional transformer, cloze objective (RecBole-style)"))
-register(ModelSpec("rearec-erl", ReaRecERLConfig, lambda cfg, n_items: ReaRecERL(cfg, n_items),
+register(ModelSpec("rearec-erl", ReaRecERLConfig, lambda cfg, n_items: ReaRecERL(cfg, n_items), label="ReaRec-ERL",
                    description="ReaRec-ERL: SASRec + K reasoning steps, ensemble of steps + KL diversity"))
-register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL(cfg, n_items),
+register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL(cfg, n_items), label="ReaRec-PRL",
                    description="ReaRec-PRL: SASRec + K reasoning steps, progressive temperatures + noisy InfoNCE"))
-register(ModelSpec("iclrec", ICLRecConfig, lambda cfg, n_items: ICLRec(cfg, n_items),
+register(ModelSpec("iclrec", ICLRecConfig, lambda cfg, n_items: ICLRec(cfg, n_items), label="ICLRec",
                    description="ICLRec: SASRec + augmented-view InfoNCE + k-means intent contrast"))
-register(ModelSpec("lares-ssl", LARESConfig, lambda cfg, n_items: LARES(cfg, n_items),
+register(ModelSpec("lares-ssl", LARESConfig, lambda cfg, n_items: LARES(cfg, n_items), label="LARES (stage 1)",
                    description="LARES stage 1 only (pre-block + k shared core iterations, trajectory and step "
                                "alignment); no GRPO post-training"))
-register(ModelSpec("icsrec", ICSRecConfig, lambda cfg, n_items: ICSRec(cfg, n_items),
+register(ModelSpec("icsrec", ICSRecConfig, lambda cfg, n_items: ICSRec(cfg, n_items), label="ICSRec",
                    description="ICSRec: SASRec on subsequences + same-target and k-means intent contrastive terms"))
