@@ -7,17 +7,16 @@ from pre-training the same encoder at once: the second waits, then loads the fir
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
+from harness.locks import FileLock
 from models.sasrec import SASRec, SASRecConfig
 
 
@@ -33,17 +32,6 @@ def cache_key(data_hash: str, enc_cfg: SASRecConfig, recipe: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_items: int, recipe: dict,
                    pretrain: Callable[[SASRec], dict]) -> tuple[SASRec, dict, bool]:
     """Load the cached encoder for this key, or pre-train it with `pretrain(model) -> info`.
@@ -51,7 +39,7 @@ def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_ite
     Returns (encoder, info, was_cached)."""
     key = cache_key(data_hash, enc_cfg, recipe)
     path = cache_dir / "lid" / f"sasrec-d{enc_cfg.hidden}-{key}.pt"
-    with file_lock(path.with_suffix(".lock")):
+    with FileLock(path.with_suffix(".lock")):
         encoder = SASRec(enc_cfg, n_items)
         if path.is_file():
             try:

@@ -16,8 +16,9 @@ import optuna
 import pytest
 
 from harness.errors import HarnessError
+from harness.locks import FileLock
 from harness.runs import RunSpec
-from harness.store import (FileLock, open_storage, pending_retries, process_alive, recover, repair_torn_journal,
+from harness.store import (open_storage, pending_retries, process_alive, recover, repair_torn_journal,
                            this_worker)
 from harness.studies import TuneJob, load_study_file
 from harness.tune import open_study, run_worker, tune
@@ -196,7 +197,7 @@ def test_file_lock_is_exclusive_and_dropped_when_its_holder_dies(tmp_path):
     lock = tmp_path / "x.lock"
     ready = tmp_path / "ready"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, %r); from harness.store import FileLock; "
+        "import sys, time; sys.path.insert(0, %r); from harness.locks import FileLock; "
         "l = FileLock(%r); l.acquire(); open(%r, 'w').close(); time.sleep(600)") % (
         str(Path(__file__).resolve().parents[1]), str(lock), str(ready))])
     try:
