@@ -58,7 +58,7 @@ def storage_url(request, tmp_path):
 def _create_database(url: str, name: str) -> None:
     import psycopg2
 
-    conn = psycopg2.connect(url.replace("postgresql://", "postgresql://", 1))
+    conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
@@ -362,7 +362,6 @@ def test_soak_random_faults(tmp_path, storage_url):
     for r in range(rounds):
         tmp = tmp_path / f"round{r}"
         tmp.mkdir()
-        url = storage_url if "://" not in storage_url else storage_url + ""
         if "://" not in storage_url:
             url = str(tmp / "optuna.journal")
         else:  # a fresh database per round
@@ -385,4 +384,4 @@ def test_soak_random_faults(tmp_path, storage_url):
         for key in ("killed", "lost", "stranded", "duplicated"):
             totals[key] += figures[key]
         print(f"soak round {r}: {fault}: {figures}")
-    print(f"soak totals ({storage_url.split(':', 1)[0]}): {totals}")
+    print(f"soak totals ({'postgresql' if '://' in storage_url else 'journal'}): {totals}")
