@@ -155,10 +155,12 @@ def _print_result(record) -> None:
 @click.option("--batches", type=click.IntRange(min=1), default=200, show_default=True,
               help="Training batches to time.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report(s) as JSON (for scripts).")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="cpu: time with this process's CPU time (robust to other jobs; with 1 thread = idle wall time).")
 @trainer_options
 @click.pass_context
 def bench(ctx: click.Context, model: str | None, models_: str | None, dataset: str, params: tuple[str, ...],
-          batches: int, as_json: bool, **kw) -> None:
+          batches: int, as_json: bool, clock: str, **kw) -> None:
     """Time training batches and one full evaluation; print FLOPs, FLOP/s and MFU.
 
     \b
@@ -173,7 +175,7 @@ def bench(ctx: click.Context, model: str | None, models_: str | None, dataset: s
     if (model is None) == (models_ is None):
         raise click.UsageError("give --model NAME or --models LIST|all")
     if model is not None:
-        report = benchmark(run_spec(ctx, model, dataset, params, kw), n_batches=batches)
+        report = benchmark(run_spec(ctx, model, dataset, params, kw), n_batches=batches, clock=clock)
         if as_json:
             click.echo(json.dumps(report_dict(report)))
         else:
@@ -188,7 +190,7 @@ def bench(ctx: click.Context, model: str | None, models_: str | None, dataset: s
     else:
         precisions = [kw["precision"]]
     rows = bench_models(run_spec(ctx, names[0], dataset, params, kw), names, precisions, batches,
-                        echo=lambda m: click.echo(m, err=True))
+                        echo=lambda m: click.echo(m, err=True), clock=clock)
     if as_json:
         click.echo(json.dumps(rows))
     else:
