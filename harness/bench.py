@@ -45,6 +45,7 @@ class BenchReport:
     peak_flops: float = 0.0  # measured matmul FLOP/s of this precision
     top_ops: list[tuple[str, float]] = field(default_factory=list)  # (op, share of self CPU/CUDA time)
     precision: str = "fp32"
+    clock: str = "wall"  # what the seconds are: wall time or this process's CPU time
     peak_memory: float = 0.0  # bytes: process peak RSS (CPU, measured in a fresh process) or CUDA peak
 
     @property
@@ -60,6 +61,17 @@ class BenchReport:
         return self.flops.get("total", 0.0) / max(self.train_seconds - self.phase_seconds.get("batches", 0), 1e-9)
 
 
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = ["wall"]
+
+
+def _now() -> float:
+    """The bench's clock: wall time, or with --clock cpu this process's CPU time, which time
+    slicing by other processes does not inflate (1 thread: it is the wall time of an idle
+    machine; with more threads it sums them)."""
+    return _CLOCKS[_clock[0]]()
+
+
 def matmul_peak(device: torch.device, precision: str = "fp32", n: int = 2048, repeat: int = 10) -> float:
     """Measured dense (n x n) @ (n x n) matmul FLOP/s in the given precision: MFU's denominator."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -68,11 +80,11 @@ def matmul_peak(device: torch.device, precision: str = "fp32", n: int = 2048, re
     for _ in range(2):
         a @ b
     _sync(device)
-    t = time.perf_counter()
+    t = _now()
     for _ in range(repeat):
         a @ b
     _sync(device)
-    return 2 * n**3 * repeat / (time.perf_counter() - t)
+    return 2 * n**3 * repeat / (_now() - t)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,9 +92,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchReport:
+def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5, clock: str = "wall") -> BenchReport:
     from torch.utils.flop_counter import FlopCounterMode
 
+    if clock not in _CLOCKS:
+        raise HarnessError(f"--clock {clock!r}: expected wall or cpu")
+    _clock[0] = clock
     device = resolve_device(spec.train.device)
     precision = resolve_precision(spec.train.precision, device)
     keep_freed_memory()  # as fit() does
@@ -94,14 +109,14 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
     layout = getattr(model, "layout", "sequence")
     rng = np.random.default_rng(spec.train.seed)
 
-    t = time.perf_counter()
+    t = _now()
     model.on_epoch_start(1, data)
     _sync(device)
-    epoch_start = time.perf_counter() - t
+    epoch_start = _now() - t
 
-    t = time.perf_counter()
+    t = _now()
     epoch = data.train_batches(layout, spec.train.batch_size, rng)
-    batch_build = time.perf_counter() - t  # one epoch's batches, scaled to the timed share below
+    batch_build = _now() - t  # one epoch's batches, scaled to the timed share below
     n_batches = min(n_batches, len(epoch) - warmup)
     timed = epoch[warmup : warmup + n_batches]
 
@@ -121,20 +136,20 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
     phases = {"batches": batch_build * n_batches / len(epoch), "to_device": 0.0, "forward": 0.0,
               "backward": 0.0, "optimizer": 0.0}
     for batch in timed:
-        t0 = time.perf_counter()
+        t0 = _now()
         batch = batch.to(device)
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = _now()
         loss = step(batch)
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = _now()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _sync(device)
-        t3 = time.perf_counter()
+        t3 = _now()
         optimizer.step()
         _sync(device)
-        t4 = time.perf_counter()
+        t4 = _now()
         phases["to_device"] += t1 - t0
         phases["forward"] += t2 - t1
         phases["backward"] += t3 - t2
@@ -156,16 +171,16 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5) -> BenchRepo
     top_ops = profile_ops(model, optimizer, timed[:20], device, step)
 
     _sync(device)
-    t = time.perf_counter()
+    t = _now()
     evaluate(model, data, "valid", device, spec.train.mask_history, spec.train.eval_batch_size)
     _sync(device)
-    eval_seconds = time.perf_counter() - t
+    eval_seconds = _now() - t
     return BenchReport(
         model=spec.model, dataset=spec.dataset, device=str(device), threads=torch.get_num_threads(),
         n_batches=n_batches, samples=samples, epoch_samples=data.n_train_samples(), epoch_batches=len(epoch),
         positions=int(sum(b.items.numel() for b in timed)), phase_seconds=phases, flops=flops,
         eval_seconds=eval_seconds, epoch_start_seconds=epoch_start, eval_flops=2.0 * data.n_users * d * (data.n_items + 1),
-        peak_flops=matmul_peak(device, precision), top_ops=top_ops, precision=precision,
+        peak_flops=matmul_peak(device, precision), top_ops=top_ops, precision=precision, clock=clock,
         peak_memory=_peak_memory(device))
 
 
@@ -222,7 +237,8 @@ def format_report(r: BenchReport):
     from rich.table import Table
 
     scale = r.epoch_samples / max(r.samples, 1)
-    table = Table(title=f"bench: {r.model} on {r.dataset} ({r.device}, {r.threads} threads, {r.precision})",
+    table = Table(title=f"bench: {r.model} on {r.dataset} ({r.device}, {r.threads} threads, {r.precision}, "
+                        f"{r.clock} seconds)",
                   show_header=False)
     table.add_column(justify="left")
     table.add_column(justify="right")
@@ -263,14 +279,14 @@ def report_dict(r: BenchReport) -> dict:
     return d
 
 
-def bench_in_subprocess(spec: RunSpec, n_batches: int) -> dict:
+def bench_in_subprocess(spec: RunSpec, n_batches: int, clock: str = "wall") -> dict:
     """One benchmark in a fresh process: its peak memory is this model's alone, and nothing one
     model leaves behind (caches, allocator state, threads) slows the next."""
     import json
     import subprocess
 
     blob = json.dumps({"spec": {**dataclasses.asdict(spec), "data_dir": str(spec.data_dir),
-                                "cache_dir": str(spec.cache_dir)}, "n_batches": n_batches})
+                                "cache_dir": str(spec.cache_dir)}, "n_batches": n_batches, "clock": clock})
     proc = subprocess.run([sys.executable, "-c", "import sys; from harness.bench import _child; _child(sys.argv[1])",
                            blob], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -289,18 +305,18 @@ def _child(blob: str) -> None:
     raw = args["spec"]
     spec = RunSpec(**{**raw, "train": TrainConfig(**raw["train"]), "data_dir": Path(raw["data_dir"]),
                       "cache_dir": Path(raw["cache_dir"])})
-    print(json.dumps(report_dict(benchmark(spec, n_batches=args["n_batches"]))))
+    print(json.dumps(report_dict(benchmark(spec, n_batches=args["n_batches"], clock=args["clock"]))))
 
 
 def bench_models(base: RunSpec, models: list[str], precisions: list[str], n_batches: int,
-                 echo=print) -> list[dict]:
+                 echo=print, clock: str = "wall") -> list[dict]:
     """`bench` of every model in every precision (each in its own process); rows in order."""
     out = []
     for model in models:
         for precision in precisions:
             spec = dataclasses.replace(base, model=model, train=dataclasses.replace(base.train, precision=precision))
             echo(f"bench {model} ({precision}) ...")
-            out.append(bench_in_subprocess(spec, n_batches))
+            out.append(bench_in_subprocess(spec, n_batches, clock))
     return out
 
 
@@ -315,8 +331,8 @@ def format_models_table(rows: list[dict]):
     first = rows[0]
     peaks = ", ".join(f"{p} {next(v[p] for v in by_model.values() if p in v)['peak_flops'] / 1e9:.0f} G"
                       for p in precisions)
-    table = Table(title=f"bench: {first['dataset']} ({first['device']}, {first['threads']} threads; "
-                        f"measured matmul peak {peaks}FLOP/s)")
+    table = Table(title=f"bench: {first['dataset']} ({first['device']}, {first['threads']} threads, "
+                        f"{first.get('clock', 'wall')} seconds; measured matmul peak {peaks}FLOP/s)")
     table.add_column("model")
     for p in precisions:
         table.add_column(f"s/epoch {p}", justify="right")

@@ -52,9 +52,10 @@ def test_bench_many_models_table_and_json(tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0 and "max_len" in result.output
     args = args[:-2]
-    result = CliRunner().invoke(cli, [*args, "--json"])
+    result = CliRunner().invoke(cli, [*args, "--json", "--clock", "cpu"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output.strip().splitlines()[-1])
+    assert all(r["clock"] == "cpu" for r in rows)
     assert [(r["model"], r["precision"]) for r in rows] == [("sasrec", "fp32"), ("gru4rec", "fp32")]
     for r in rows:
         assert r["seconds_per_epoch"] > 0 and r["flops_per_epoch"] > 0 and 0 < r["mfu"] < 1
