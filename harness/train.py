@@ -43,9 +43,9 @@ class TrainConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# What "auto" picks where the hardware has native bf16. fp32 until a converged bf16 run is
-# measured within 3% of fp32's test NDCG@10 (same seed) on real data.
-AUTO_BF16 = False
+# What "auto" picks where the hardware has native bf16: bf16, because a converged bf16 SASRec
+# on Amazon Toys (same seed, early-stopped) came within 3% of fp32's test NDCG@10.
+AUTO_BF16 = True
 
 
 @dataclass
