@@ -207,3 +207,31 @@ def test_lid_is_pretrained_on_the_training_data_whatever_the_evaluation_reads(tm
         _, _, lid = build_model(spec, load_data(spec), progress=False)
         keys[noise_on] = (lid["key"], lid["cached"])
     assert keys["all"][0] == keys["train"][0] and keys["train"][1] is True
+
+
+def test_settings_that_would_fail_every_cell_are_refused_before_the_first(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    storage = str(tmp_path / "s.journal")
+    base = ["--results-dir", str(tmp_path / "res"), "compare", "--dataset", "synthetic", "--models", "sasrec",
+            "--seeds", "1", "--epochs", "1", "--storage", storage]
+
+    def one_line(result, *needles):
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        (line,) = result.output.strip().splitlines()[-1:]
+        assert line.startswith("Error: ") and all(n in line for n in needles), line
+
+    one_line(CliRunner().invoke(cli, [*base, "--device", "cuda", "--params", "paper"]), "--device cuda")
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"hiddn": 16}))
+    one_line(CliRunner().invoke(cli, [*base, "--device", "cpu", "--params", str(bad)]), f"--params {bad}", "hiddn")
+    bad.write_text(json.dumps({"hidden": "wide"}))  # a value the model's config cannot take
+    one_line(CliRunner().invoke(cli, [*base, "--device", "cpu", "--params", str(bad)]), "hidden", "expected int")
+    assert _completed(tmp_path / "s.journal", "compare-synthetic") == 0
+    from harness.store import open_storage
+
+    names = optuna.study.get_all_study_names(open_storage(storage))
+    assert all(not optuna.load_study(study_name=n, storage=open_storage(storage)).get_trials() for n in names)

@@ -366,3 +366,19 @@ def test_summary_with_enough_trials_has_importances(tmp_path):
     assert s.outputs["importances"].read_text().splitlines()[0] == "parameter,importance"
     assert len(s.outputs["top_csv"].read_text().splitlines()) == 11  # header + top 10
     assert len(s.outputs["trials"].read_text().splitlines()) == 14
+
+
+def test_settings_that_would_fail_every_trial_are_refused_before_the_first(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    study = tmp_path / "small.toml"
+    study.write_text(SMALL)
+    args = tune_args(tmp_path, study)
+    args[args.index("--device") + 1] = "cuda"
+    one_line_error(invoke(*args), "--device cuda", "CUDA is not available")
+    assert not (tmp_path / "optuna.journal").exists()  # no study, no failed trials
+    study.write_text(SMALL.replace('model = "sasrec"', 'model = "sasrek"'))
+    one_line_error(invoke(*tune_args(tmp_path, study)), str(study), "unknown model 'sasrek'")
+    study.write_text(SMALL.replace("inner = 32", "inner = 32\nwidth = 3"))
+    one_line_error(invoke(*tune_args(tmp_path, study)), "fixed.width", "not a parameter of sasrec")
