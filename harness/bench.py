@@ -164,7 +164,7 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5, clock: str =
     total = float(counter.get_total_flops())
     samples = int(sum(int(b.targets.gt(0).sum()) if layout == "sequence" else b.size for b in timed))
     d = _output_width(model)
-    n_views = 2 if _two_views(model) else 1
+    n_views = model.output_views
     output = 6.0 * samples * n_views * d * (data.n_items + 1)
     flops = {"total": total, "output_layer": output, "encoder": max(total - output, 0.0)}
 
@@ -227,10 +227,6 @@ def _quiet_stderr():
 
 def _output_width(model) -> int:
     return int(model.item_emb.weight.shape[1]) if hasattr(model, "item_emb") else 0
-
-
-def _two_views(model) -> bool:
-    return bool(getattr(model, "icr_active", False))
 
 
 def format_report(r: BenchReport):

@@ -9,7 +9,9 @@ and a class attribute `layout` ("sequence" or "prefix", see harness/data/split.p
 it wants its training samples laid out. `on_epoch_start(epoch, data)` is an optional hook for
 models that recompute something from the training split each epoch (ICLRec's k-means intents):
 `data` is the in-memory `harness.data.split.LeaveOneOut`; the hook may iterate its
-`train_batches(...)` but must not keep the trainer's RNG state. Models do no I/O.
+`train_batches(...)` but must not keep the trainer's RNG state. `output_views` says how many
+rows per training sample the loss scores against every item (2 for IGR-SR's two ICR views), so
+`harness bench` counts the output layer's FLOPs without knowing any model. Models do no I/O.
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ class SequentialRecommender(nn.Module):
 
     def on_epoch_start(self, epoch: int, data=None) -> None:
         pass
+
+    @property
+    def output_views(self) -> int:
+        return 1
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

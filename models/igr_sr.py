@@ -168,6 +168,10 @@ class IGRSR(SequentialRecommender):
     def icr_active(self) -> bool:
         return self.lid is not None and self.cfg.use_icr and self.cfg.cl_weight > 0
 
+    @property
+    def output_views(self) -> int:
+        return 2 if self.icr_active else 1
+
     def scores(self, batch) -> torch.Tensor:
         h = self.reason(batch.items, batch.lengths, self.intents(batch.items, batch.lengths))
         return item_scores(h, self.item_emb.weight)
