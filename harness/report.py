@@ -57,11 +57,15 @@ def significant_gain(proposed: np.ndarray, baselines: dict[str, np.ndarray], alp
 
 def budget_note(train: dict) -> str:
     """The training budget of an experiment's runs, for its caption: a table from capped runs
-    must say so, since short caps favour models that learn fast."""
+    must say so, since short caps favour models that learn fast. The training precision too
+    (bf16 moves the low digits; ranking is fp32 either way)."""
     if "epochs" not in train:
         return ""
-    return (f"Each run trained at most {train['epochs']} epochs, model chosen by validation NDCG@10 "
-            f"(early stop after {train.get('patience', '?')} epochs without gain).")
+    text = (f"Each run trained at most {train['epochs']} epochs, model chosen by validation NDCG@10 "
+            f"(early stop after {train.get('patience', '?')} epochs without gain)")
+    if train.get("precision"):
+        text += f", in {train['precision']} (scores ranked in fp32)"
+    return text + "."
 
 
 def params_note(notes: list[str]) -> str:

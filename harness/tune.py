@@ -433,7 +433,8 @@ def latex_top_trials(top: list[FrozenTrial], job: TuneJob, study_name: str) -> s
     frame = pd.DataFrame({label: [get(t) for t in top] for label, get in metrics.items()}, index=index, dtype=float)
     caption = (rf"Top trials of study {latex_escape(study_name)} ({latex_escape(job.study_file.model)} on "
                rf"{latex_escape(job.dataset)}) by validation NDCG@10, which selects and prunes; test metrics of "
-               rf"each trial's best-validation checkpoint; at most {job.base.train.epochs} epochs per trial. "
+               rf"each trial's best-validation checkpoint; at most {job.base.train.epochs} epochs per trial, "
+               rf"in {job.base.train.precision} (scores ranked in fp32). "
                + protocol_caption(mask_history=job.base.train.mask_history, max_len=job.base.train.max_len,
                                   stars=False))
     label = f"tab:tune-{re.sub(r'[^A-Za-z0-9:-]', '-', study_name)}"

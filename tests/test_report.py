@@ -49,3 +49,11 @@ def test_figures_are_written(tmp_path):
     grid = pd.DataFrame(np.random.default_rng(0).random((3, 2)) / 10, index=[2, 8, 32], columns=[1, 3])
     paths = sensitivity_figure(grid, tmp_path / "sens")
     assert [p.suffix for p in paths] == [".pdf", ".png"]
+
+
+def test_captions_state_the_budget_and_the_precision():
+    from harness.report import budget_note
+
+    note = budget_note({"epochs": 30, "patience": 10, "precision": "bf16"})
+    assert "at most 30 epochs" in note and "early stop after 10" in note and "in bf16 (scores ranked in fp32)" in note
+    assert budget_note({}) == ""
