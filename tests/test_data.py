@@ -415,3 +415,22 @@ def test_toys_stats_match_paper(shared_data):
     assert re.search(r"sparsity\s+99\.93%", r.output)
     assert "matches the paper's Table 1" in r.output
     assert "MISMATCH" not in r.output
+
+
+def test_concurrent_writers_of_one_file_never_publish_a_torn_mix(tmp_path):
+    """Two processes generating the same synthetic set at once (a grid filled by two commands)
+    each write a temporary file of their own, so the file that appears is always whole."""
+    import threading
+
+    from harness.data.sequences import load_sequences, write_sequences
+
+    path = tmp_path / "s.txt"
+    seqs = [list(range(1, 200))] * 300
+    threads = [threading.Thread(target=write_sequences, args=(path, seqs)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = load_sequences(path)
+    assert data.n_users == 300 and data.items.size == 300 * 199
+    assert not list(tmp_path.glob("*.tmp"))

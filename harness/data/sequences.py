@@ -8,7 +8,9 @@ leave-one-out, so such lines are dropped and counted in a warning.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +122,9 @@ def write_sequences(path: str | Path, sequences: list[list[int]] | list[np.ndarr
     """Write `user item item ...` lines, users numbered 1.. in the given order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # a temporary name of this process's own: two processes generating the same file (a synthetic
+    # set, a noisy copy) at once must not write into one temporary file and publish a torn mix
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         for u, seq in enumerate(sequences, start=1):
             f.write(f"{u} " + " ".join(str(int(i)) for i in seq) + "\n")
