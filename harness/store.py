@@ -20,6 +20,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -294,6 +295,27 @@ def one_line_thread_errors(echo: Callable[[str], None]) -> None:
              f"{args.exc_type.__name__}: {first_line(args.exc_value) if args.exc_value else ''}")
 
     threading.excepthook = hook
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """True for a failure of the storage itself (a lost database connection), not of the run."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(e, (SQLAlchemyError, StorageInternalError))
+
+
+def when_storage_answers(call: Callable[[], Any], tries: int = 8, wait: float = 1.0) -> None:
+    """Run a storage call, retrying while the storage is unreachable (a restart takes seconds);
+    gives up quietly after `tries`: a trial left RUNNING is then failed by its silent heartbeat."""
+    for attempt in range(tries):
+        try:
+            call()
+            return
+        except Exception as e:
+            if not is_storage_error(e):
+                raise
+            time.sleep(wait * (attempt + 1))
 
 
 def pending_retries(study: optuna.Study) -> list[FrozenTrial]:

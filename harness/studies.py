@@ -40,7 +40,8 @@ from optuna.trial import FrozenTrial
 from harness import faults
 from harness.errors import HarnessError, first_line
 from harness.runs import TRAINER_KEYS
-from harness.store import quiet_experimental, requeue, store_record, this_worker
+from harness.store import (is_storage_error, quiet_experimental, requeue, store_record, this_worker,
+                           when_storage_answers)
 
 
 STUDY_DIRS = (Path("studies"), Path(__file__).resolve().parent.parent / "studies")
@@ -425,7 +426,15 @@ def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
             trial.set_user_attr("fail_reason", "interrupted")
             requeue(trial.study, frozen(trial))  # a resumed study runs it again
             raise
-        except Exception as e:  # bad input says what to fix; anything else names its type too
+        except Exception as e:
+            if is_storage_error(e):
+                # the database went away mid-trial (a restart): the run itself was fine, so once
+                # the storage answers again the trial is failed for that reason and retried
+                reason = f"storage lost mid-trial ({type(e).__name__}: {first_line(e)})"
+                when_storage_answers(lambda: trial.set_user_attr("fail_reason", reason))
+                when_storage_answers(lambda: requeue(trial.study, frozen(trial)))
+                raise
+            # bad input says what to fix; anything else names its type too
             trial.set_user_attr("fail_reason", first_line(e) if isinstance(e, HarnessError)
                                 else f"{type(e).__name__}: {first_line(e)}")
             raise

@@ -42,7 +42,7 @@ lr = { type = "float", low = 1e-3, high = 1e-2, log = true }
 TARGET, WORKERS, EPOCHS = 6, 4, 3
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HARNESS_AUTO_FETCH": "0"}
 S = optuna.trial.TrialState
-KILLED = ("worker died", "interrupted", "no reason recorded")  # fail reasons of killed trials
+KILLED = ("worker died", "interrupted", "no reason recorded", "storage lost")  # fail reasons of killed trials
 
 
 @pytest.fixture
