@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 _BLOCK_BYTES = 8 << 20  # fp32 bytes of one row block's logits: a block's softmax passes stay in cache
+_ROW_MULTIPLE = 64  # row counts of CPU bf16 matmuls are padded to this (see _padded_rows)
 _TINY = 1e-30  # a target probability below this is recomputed from the log-sum-exp (no underflow)
 
 
@@ -35,8 +36,19 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _block_rows(n_rows: int, n_items: int, block_rows: int | None) -> int:
-    return max(1, min(n_rows, block_rows or _BLOCK_BYTES // (4 * max(n_items, 1))))
+def _block_rows(n_rows: int, n_items: int, block_rows: int | None, multiple: int = 1) -> int:
+    rows = max(1, min(n_rows, block_rows or _BLOCK_BYTES // (4 * max(n_items, 1))))
+    return max(multiple, rows // multiple * multiple)
+
+
+def _row_multiple(device: torch.device, dtype: torch.dtype) -> int:
+    """What the row counts of the output layer's matmuls are padded to a multiple of.
+
+    Why: a CPU bf16 matmul runs through oneDNN, which compiles a kernel for every new shape (about
+    30 ms on this machine, more than the matmul itself) and keeps a bounded cache of them; the
+    number of targets in a batch varies, so unpadded nearly every step compiled new kernels.
+    Elsewhere (fp32: MKL; CUDA: cuBLAS) shapes cost nothing and rows are not padded."""
+    return _ROW_MULTIPLE if device.type == "cpu" and dtype == torch.bfloat16 else 1
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -45,17 +57,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         R, N = h.shape[0], weight.shape[0]
         need_grad = any(ctx.needs_input_grad[:3])
         hc, wc = h.to(dtype), weight.to(dtype)
+        mult = _row_multiple(h.device, dtype)
+        R_pad = -(-R // mult) * mult
+        if R_pad > R:  # zero rows whose losses and gradients are computed and dropped
+            hc = torch.cat([hc, hc.new_zeros(R_pad - R, hc.shape[1])])
+            target = torch.cat([target, target.new_zeros(R_pad - R)])
         bc = None if bias is None else bias.to(dtype)
-        losses = torch.empty(R, dtype=torch.float32, device=h.device)
-        grad_h = torch.empty(R, h.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
-        g_all = torch.empty(R, N, dtype=dtype, device=h.device) if need_grad else None
+        losses = torch.empty(R_pad, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(R_pad, h.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
+        g_all = torch.empty(R_pad, N, dtype=dtype, device=h.device) if need_grad else None
         grad_b = None if bias is None or not need_grad else torch.zeros(N, dtype=torch.float32, device=h.device)
-        rows = _block_rows(R, N, block_rows)
-        for r0 in range(0, R, rows):
+        rows = _block_rows(R_pad, N, block_rows, mult)
+        for r0 in range(0, R_pad, rows):
             hr, tr = hc[r0:r0 + rows], target[r0:r0 + rows]
             rr = torch.arange(hr.shape[0], device=h.device)
             z = hr @ wc.T if bc is None else torch.addmm(bc, hr, wc.T)
-            p = torch.softmax(z, dim=1)  # fp32 accumulation inside, result in z's dtype
+            # fp32 accumulation inside, result in z's dtype; straight into the stored gradients
+            p = torch.softmax(z, dim=1) if g_all is None else torch.softmax(z, 1, out=g_all[r0:r0 + rows])
             p_t = p[rr, tr].float()
             loss = -torch.log(p_t)
             tiny = p_t < _TINY  # the probability underflowed: the loss from the log-sum-exp
@@ -67,14 +85,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = p  # d loss_row / d logits = softmax - one-hot, in place
                 g[rr, tr] -= 1
                 grad_h[r0:r0 + rows] = g @ wc
-                g_all[r0:r0 + rows] = g
                 if grad_b is not None:
-                    grad_b += g.sum(0, dtype=torch.float32)
+                    grad_b += g[: max(0, min(rows, R - r0))].sum(0, dtype=torch.float32)
         if need_grad:
-            grad_w = (g_all.T @ hc).float()  # one matmul over all rows, not one sum per block
+            grad_w = (g_all.T @ hc).float()  # one matmul over all rows (padding rows of hc are 0)
+            grad_h = grad_h[:R]
             ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return losses.mean()
+        return losses[:R].mean()
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -57,13 +57,15 @@ def test_fused_ce_has_no_underflow_where_the_target_is_far_behind():
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
 
 
-def test_fused_ce_under_bf16_autocast_matches_autocast_cross_entropy():
-    """In bf16 it agrees with what plain autocast computes (bf16 logits), to bf16 resolution."""
-    h, w, b, t = _case(R=64, N=500, d=32, bias=True)
+@pytest.mark.parametrize("R, block_rows", [(64, None), (70, None), (200, 70)])
+def test_fused_ce_under_bf16_autocast_matches_autocast_cross_entropy(R, block_rows):
+    """In bf16 it agrees with what plain autocast computes (bf16 logits), to bf16 resolution;
+    also when the rows are padded to a multiple of 64 (CPU bf16) and cut into blocks."""
+    h, w, b, t = _case(R=R, N=500, d=32, bias=True)
     params = [h, w, b]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy(F.linear(h, w, b), t)
-        got = linear_cross_entropy(h, w, t, bias=b)
+        got = linear_cross_entropy(h, w, t, bias=b, block_rows=block_rows)
     ref_grads = torch.autograd.grad(ref, params)
     got_grads = torch.autograd.grad(got, params)
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=5e-3)
