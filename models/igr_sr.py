@@ -15,6 +15,15 @@ Pieces:
 - IDR: L dual-attention layers, eq. (5)-(7): H += CrossAttn(H, T_D, T_D); H += causal
   SelfAttn(H); H = LayerNorm(H + FFN(H)) (dropout on each sub-layer output). h_u = state
   at the last item.
+- Dropout on the attention weights: the self-attention takes `attn_dropout` (0.5, SASRec's
+  recipe: 2-50 keys per query); the cross-attention has its own `cross_dropout`, default 0.0.
+  Why: its keys are the m = 1..5 intents, so dropping attention weights drops whole intents
+  for a position (at m = 1 and rate 0.5, half the positions lose the intent and the rest see
+  it doubled), on top of ICR's masking of T_D, the paper's own regulariser of the intents.
+  The cross-attention's output still gets the sub-layer dropout `dropout`; the paper gives no
+  rate for the attention weights. `cross_dropout = 0.5` is the earlier behaviour (the
+  cross-attention reused `attn_dropout`), bit for bit; the tuning study searches [0, 0.5]
+  and enqueues both.
 - ICR: two independent element-wise dropout masks (rate p_mask, rescaled by 1/(1-p) so that
   inference can use the unmasked intents, i.e. dropout semantics) on T_D, two IDR passes,
   InfoNCE between the two h_u over the batch (cosine / tau, eq. 10, averaged over the batch).
@@ -55,6 +64,9 @@ class IGRSRConfig(TransformerConfig):
     use_icr: bool = True
     use_lid: bool = True
     fusion: str = "cross"  # "cross" (the paper) or "concat" (ablation)
+    # dropout on the cross-attention's weights over the m intents (not `attn_dropout`: see the
+    # module docstring); 0.5 is the behaviour before this field existed
+    cross_dropout: float = 0.0
 
 
 class LatentIntentDistiller(nn.Module):
@@ -92,7 +104,7 @@ class DualAttentionLayer(nn.Module):
 
     def __init__(self, cfg: IGRSRConfig, cross: bool):
         super().__init__()
-        self.cross = CrossAttention(cfg.hidden, cfg.heads, cfg.attn_dropout) if cross else None
+        self.cross = CrossAttention(cfg.hidden, cfg.heads, cfg.cross_dropout) if cross else None
         self.self_attn = SelfAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
         self.ffn = FeedForward(cfg.hidden, cfg.inner)
         self.ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)

@@ -160,3 +160,42 @@ def test_overfits_a_tiny_batch(data, name, params):
 def test_igr_sr_requires_an_encoder():
     with pytest.raises(ValueError, match="pre-trained"):
         IGRSR(IGRSRConfig(), N_ITEMS, lid_encoder=None)
+
+
+def _three_steps(data, m: int, **params) -> list[float]:
+    """Losses of IGR-SR's first three Adam steps, everything seeded."""
+    spec = models.get("igr-sr")
+    cfg = spec.make_config(max_len=20, d_l=8, k=3, m=m, **params)
+    torch.manual_seed(0)
+    encoder = SASRec(SASRecConfig(hidden=8, inner=32, max_len=20), N_ITEMS)
+    torch.manual_seed(1)
+    model = spec.build(cfg, N_ITEMS, lid=encoder)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    torch.manual_seed(2)
+    out = []
+    for batch in data.train_batches("prefix", 32, np.random.default_rng(0))[:3]:
+        loss = model.loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+# recorded before `cross_dropout` existed (the cross-attention then took attn_dropout = 0.5)
+BEFORE_CROSS_DROPOUT = {1: [3.9733729362487793, 3.7201595306396484, 3.9263393878936768],
+                        2: [3.9820053577423096, 3.7425169944763184, 3.9262211322784424]}
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_cross_dropout_half_is_the_earlier_behaviour(data, m):
+    assert _three_steps(data, m, cross_dropout=0.5) == pytest.approx(BEFORE_CROSS_DROPOUT[m], rel=1e-6)
+    assert _three_steps(data, m) != pytest.approx(BEFORE_CROSS_DROPOUT[m], rel=1e-6)  # the default differs
+
+
+def test_cross_dropout_is_the_cross_attentions_alone():
+    model = build("igr-sr", **IGR_SMALL, cross_dropout=0.1, attn_dropout=0.3)
+    assert model.cfg.cross_dropout == 0.1 and IGRSRConfig().cross_dropout == 0.0
+    for layer in model.layers:
+        assert layer.cross.attn_dropout == 0.1 and layer.self_attn.attn_dropout == 0.3

@@ -37,7 +37,7 @@ def test_igr_sr_study_file_is_the_papers_space():
     sf = load_study_file(REPO / "studies" / "igr-sr.toml")
     assert study_file_for("igr-sr").resolve() == (REPO / "studies" / "igr-sr.toml").resolve()
     space = {p.name: p for p in sf.space}
-    assert list(space) == ["d_l", "k", "m", "use_icr", "p_mask", "tau", "cl_weight", "lr"]
+    assert list(space) == ["d_l", "k", "m", "cross_dropout", "use_icr", "p_mask", "tau", "cl_weight", "lr"]
     assert space["d_l"].choices == (8, 16, 32)
     assert (space["k"].type, space["k"].low, space["k"].high) == ("int", 2, 32)
     assert (space["m"].low, space["m"].high) == (1, 5)
@@ -48,8 +48,10 @@ def test_igr_sr_study_file_is_the_papers_space():
     assert space["use_icr"].choices == (True, False)
     assert all(space[n].when == {"use_icr": True} for n in ICR_ONLY)
     assert (sf.metric, sf.direction, sf.sampler[0], sf.pruner[0]) == ("valid_ndcg@10", "maximize", "tpe", "hyperband")
-    assert sf.enqueue == ({"d_l": 32, "k": 8, "m": 3, "use_icr": True, "p_mask": 0.2, "tau": 0.2,
-                           "cl_weight": 0.1, "lr": 1e-3},)
+    assert (space["cross_dropout"].low, space["cross_dropout"].high, space["cross_dropout"].log) == (0.0, 0.5, False)
+    paper = {"d_l": 32, "k": 8, "m": 3, "use_icr": True, "p_mask": 0.2, "tau": 0.2, "cl_weight": 0.1, "lr": 1e-3}
+    # the paper's defaults first (at the model's default cross_dropout), then the earlier 0.5
+    assert sf.enqueue == ({**paper, "cross_dropout": 0.0}, {**paper, "cross_dropout": 0.5})
     assert load_study_file(REPO / "studies" / "sasrec.toml").model == "sasrec"
 
 
@@ -67,7 +69,7 @@ def test_min_epochs_rescales_the_pruners_first_rung():
 
 def test_suggest_on_fixed_trials_drops_conditional_params():
     sf = load_study_file(REPO / "studies" / "igr-sr.toml")
-    base = {"d_l": 16, "k": 4, "m": 2, "lr": 3e-3}
+    base = {"d_l": 16, "k": 4, "m": 2, "cross_dropout": 0.1, "lr": 3e-3}
     off = suggest(optuna.trial.FixedTrial({**base, "use_icr": False}), sf)
     assert off == {**base, "use_icr": False}
     on = suggest(optuna.trial.FixedTrial({**base, "use_icr": True, "p_mask": 0.3, "tau": 0.5, "cl_weight": 0.2}), sf)
@@ -75,8 +77,8 @@ def test_suggest_on_fixed_trials_drops_conditional_params():
     # lr is a trainer setting, everything else a model parameter
     spec = trial_spec(TuneJob(study_file=sf, dataset="synthetic", base=RunSpec(model="x", dataset="y")), on)
     assert spec.train.lr == 3e-3 and "lr" not in spec.params
-    assert spec.params == {"hidden": 64, "d_l": 16, "k": 4, "m": 2, "use_icr": True, "p_mask": 0.3, "tau": 0.5,
-                           "cl_weight": 0.2}
+    assert spec.params == {"hidden": 64, "d_l": 16, "k": 4, "m": 2, "cross_dropout": 0.1, "use_icr": True,
+                           "p_mask": 0.3, "tau": 0.5, "cl_weight": 0.2}
     assert spec.model == "igr-sr" and spec.dataset == "synthetic"
 
 
