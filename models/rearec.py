@@ -32,8 +32,15 @@ Choices:
   lets the diversity reward -kl_weight * KL take over from the first epoch (the CE stays near
   ln N while the KL grows), and the model never learns to rank; 0.005 trains (docs/results.md).
   The tuning study searches 1e-3..0.1 and enqueues both values.
-- Sizes: hidden 64 (the harness's fixed d; the code's default is 256) with inner 256 (4 x d as
-  SASRec here; the code uses 300), 2 layers x 2 heads as the code.
+- Sizes and batch: hidden 64 (the harness's fixed d) with inner 256 (4 x d as SASRec here),
+  2 layers x 2 heads as the code, and the harness's batch 256. The code trains width 256
+  (`emb_size`) with inner 300 (`inner_size`) and batch 2048 (`src/helpers/BaseRunner.py`, Adam
+  lr 1e-3, early stop after 10 epochs without gain, as here): both tuning studies search width
+  {64, 256} and batch 256..2048 and enqueue the code's settings after its model defaults at
+  width 64 (studies/rearec-erl.toml, studies/rearec-prl.toml).
+- Temperature: 0.07 in both (the code's default). ERL's study keeps it fixed; PRL's searches it
+  (log 0.05..5), since in PRL it sets every step's temperature (tau * alpha^(K-k)) and the
+  InfoNCE's scale at once.
 - The released code hard-codes dropout 0.2 on the (item and reasoning) input embeddings and
   uses `dropout` (0.5) inside the blocks: kept as `emb_dropout` = 0.2.
 - PRL warm-up: the released code builds the noisy copy only after the warm-up epochs but

@@ -201,3 +201,31 @@ def test_changed_search_space_is_refused_unless_new_study(tmp_path):
     path.write_text(SMALL.replace("hidden = 16", "hidden = 32"))
     with pytest.raises(HarnessError, match="fixed.hidden: 16 stored, 32"):
         open_study(_job(path, tmp_path, study_name="sasrec-synthetic"), storage)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_enqueued_trial_is_a_trial_the_space_can_suggest(path):
+    """An enqueued trial names exactly the parameters its values make active (a conditional
+    one, e.g. ReaRec's `inner` at width 256, present iff its `when` holds)."""
+    sf = load_study_file(path)
+    for params in sf.enqueue:
+        study = optuna.create_study(direction="maximize")
+        study.enqueue_trial(params)
+        assert suggest(study.ask(), sf) == params
+
+
+@pytest.mark.parametrize("name", ["rearec-erl", "rearec-prl"])
+def test_rearec_studies_enqueue_the_codes_width_and_batch(name):
+    sf = load_study_file(REPO / "studies" / f"{name}.toml")
+    space = {p.name: p for p in sf.space}
+    assert space["hidden"].choices == (64, 256) and space["batch_size"].choices[-1] == 2048
+    first = sf.enqueue[0]
+    assert (first["hidden"], first["batch_size"], first["reason_steps"], first["lr"]) == (64, 256, 2, 1e-3)
+    code = [p for p in sf.enqueue if p["hidden"] == 256]
+    assert code and all((p["inner"], p["batch_size"], p["dropout"], p["lr"]) == (300, 2048, 0.5, 1e-3) for p in code)
+    temperature = space.get("temperature")
+    if name == "rearec-prl":  # searched around the code's 0.07; every enqueued trial runs at 0.07
+        assert (temperature.low, temperature.high, temperature.log) == (0.05, 5.0, True)
+        assert all(p["temperature"] == 0.07 for p in sf.enqueue)
+    else:
+        assert temperature is None and sf.fixed["temperature"] == 0.07
