@@ -34,6 +34,25 @@ at most int(mask_ratio * max_len) masked labels per row, here every masked posit
 label. The "sequence" layout (one row per user) would be the original paper's per-user
 sequences, but its batches count prefixes as samples, and the masked positions per step would
 then be ~mask_ratio times fewer than any other model's targets per step.
+
+Two recipes, both enqueued in studies/bert4rec.toml:
+- RecBole's (the defaults above): one masked copy of each row per epoch, mask_ratio 0.2,
+  dropout 0.2 / 0.2, lr 1e-3.
+- The authors' Beauty run (`FeiSun/BERT4Rec`: run_beauty.sh, bert_train/bert_config_beauty_64.json,
+  gen_data_fin.py): masked_lm_prob 0.6, hidden dropout 0.5, attention dropout 0.2, lr 1e-4,
+  batch 256, width 64, and `dupe_factor` 10: gen_data_fin.py writes 10 copies of each training
+  sequence, each with its own random mask, plus one copy with only the last item masked, all
+  shuffled into one training file. Here `dupe_factor` = D gives the layout "prefix*D": every
+  row D times per epoch, the copies shuffled over the epoch's batches, each masked afresh in
+  `loss` (an epoch is then D times as many steps). The authors' last-item copies, 1 in D + 1
+  of the instances, are the nearest to ft_ratio = 1 / (D + 1) ~ 0.09 here (a share of batches,
+  not of rows). Left as they are: their masking picks exactly round(0.6 * length) positions
+  (at most 30) where this one masks each with probability mask_ratio; their BERT AdamW has
+  weight decay 0.01, 100 warm-up steps and a linear decay over 400,000 steps; their rows are
+  whole user sequences (sliding windows), not prefixes.
+Table 2 (`harness compare`, `--params best` by default) takes the best trial of the tuning
+study, which runs both recipes first; with no study yet, or `--params paper`, it takes the
+first enqueued: RecBole's, the recipe of every BERT4Rec figure in docs/results.md.
 """
 from __future__ import annotations
 
@@ -54,6 +73,8 @@ class BERT4RecConfig(TransformerConfig):
     layers: int = 2
     mask_ratio: float = 0.2
     ft_ratio: float = 0.5  # probability that a batch masks only each row's last item
+    # masked copies of each training row per epoch (the authors' dupe_factor; RecBole: 1)
+    dupe_factor: int = 1
 
 
 def append_token(items: torch.Tensor, lengths: torch.Tensor, token: torch.Tensor,
@@ -76,7 +97,11 @@ class BERT4Rec(SequentialRecommender):
 
     def __init__(self, cfg: BERT4RecConfig, n_items: int):
         super().__init__()
+        if cfg.dupe_factor < 1:
+            raise ValueError(f"dupe_factor must be at least 1, got {cfg.dupe_factor}")
         self.cfg, self.n_items = cfg, n_items
+        # D copies of every row per epoch, each masked afresh in `loss` (harness/data/split.py)
+        self.layout = "prefix" if cfg.dupe_factor == 1 else f"prefix*{cfg.dupe_factor}"
         self.mask_token = n_items + 1
         self.item_emb = nn.Embedding(n_items + 2, cfg.hidden, padding_idx=0)  # + the mask token
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)

@@ -171,6 +171,27 @@ def test_bert4rec_training_rows_hold_only_training_items(data):
             assert any(train[i : i + n] == row[:n] for i in range(len(train) - n + 1))
 
 
+def test_bert4rec_dupe_factor_trains_each_row_that_many_times_with_fresh_masks(data):
+    """dupe_factor D: layout "prefix*D", so an epoch holds D copies of every training row
+    (the authors' masked duplicates), and the copies are masked independently."""
+    from harness.train import TrainConfig, fit
+
+    assert build("bert4rec").layout == "prefix" and BERT4Rec.layout == "prefix"
+    model = build("bert4rec", dupe_factor=3)
+    assert model.layout == "prefix*3"
+    once = data.train_batches(build("bert4rec").layout, 64, np.random.default_rng(0))
+    thrice = data.train_batches(model.layout, 64, np.random.default_rng(0))
+    assert sum(b.size for b in thrice) == 3 * sum(b.size for b in once) == 3 * data.n_train_samples()
+    model.cfg.ft_ratio = 0.0
+    seq = torch.tensor([[4, 7, 9, 5, 2, 8]] * 3)
+    masks = {tuple(model.mask(seq, torch.full((3,), 6))[1][i].tolist()) for i in range(3) for _ in range(5)}
+    assert len(masks) > 1  # copies of one row in one batch get different masks
+    result = fit(model, data, TrainConfig(epochs=1, device="cpu", batch_size=64, max_len=MAX_LEN), progress=False)
+    assert result.epochs_run == 1 and np.isfinite(result.curves[0]["loss"])
+    with pytest.raises(ValueError, match="dupe_factor"):
+        build("bert4rec", dupe_factor=0)
+
+
 def test_bert4rec_evaluation_appends_the_mask_token():
     torch.manual_seed(0)
     model = BERT4Rec(BERT4RecConfig(max_len=4), N_ITEMS).eval()

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from harness.cli import cli
 from harness.data import registry
 from harness.data.sequences import SequenceData, load_sequences, stats, write_sequences
-from harness.data.split import LeaveOneOut
+from harness.data.split import LeaveOneOut, parse_layout
 from harness.data.synthetic import SyntheticSpec, generate, spec_for
 from harness.errors import HarnessError
 
@@ -185,6 +185,27 @@ def test_train_samples_are_all_prefixes(tiny_file, layout, max_len, batch_size):
     assert set(got) == EXPECTED_TRAIN[max_len]
     assert all(c == 1 for c in got.values())  # each sample exactly once per epoch
     assert split.n_train_samples() == 7
+
+
+@pytest.mark.parametrize("layout", ["sequence", "prefix"])
+@pytest.mark.parametrize("copies", [2, 5])
+def test_a_layout_with_copies_draws_every_sample_that_many_times(tiny_file, layout, copies):
+    split = LeaveOneOut(load_sequences(tiny_file), max_len=3)
+    batches = split.train_batches(f"{layout}*{copies}", 2, np.random.default_rng(0))
+    got = samples_of(batches)
+    assert set(got) == EXPECTED_TRAIN[3] and all(c == copies for c in got.values())
+    assert sum(b.targets.gt(0).sum().item() for b in batches) == copies * split.n_train_samples()
+
+
+def test_one_copy_is_the_plain_layout_and_bad_spellings_are_refused(tiny_file):
+    split = LeaveOneOut(load_sequences(tiny_file), max_len=3)
+    plain = split.train_batches("prefix", 2, np.random.default_rng(4))
+    once = split.train_batches("prefix*1", 2, np.random.default_rng(4))
+    assert [b.items.tolist() for b in plain] == [b.items.tolist() for b in once]  # same RNG draws
+    assert parse_layout("prefix*10") == ("prefix", 10) and parse_layout("sequence") == ("sequence", 1)
+    for bad in ("bogus*2", "prefix*0", "prefix*", "prefix*x"):
+        with pytest.raises(ValueError, match="unknown layout"):
+            split.train_batches(bad, 2, np.random.default_rng(0))
 
 
 def test_row_counts_by_hand(tiny_file):

@@ -229,3 +229,15 @@ def test_rearec_studies_enqueue_the_codes_width_and_batch(name):
         assert all(p["temperature"] == 0.07 for p in sf.enqueue)
     else:
         assert temperature is None and sf.fixed["temperature"] == 0.07
+
+
+def test_bert4rec_study_runs_recboles_recipe_then_the_authors():
+    sf = load_study_file(REPO / "studies" / "bert4rec.toml")
+    recbole, authors = sf.enqueue
+    assert recbole == {"layers": 2, "dropout": 0.2, "attn_dropout": 0.2, "mask_ratio": 0.2, "ft_ratio": 0.5,
+                       "dupe_factor": 1, "lr": 1e-3}  # first: `--params paper`
+    # run_beauty.sh + bert_config_beauty_64.json: masked_lm_prob 0.6, hidden / attention dropout
+    # 0.5 / 0.2, lr 1e-4, dupe_factor 10 (one last-item copy per 10: ft_ratio ~ 1/11)
+    assert authors == {"layers": 2, "dropout": 0.5, "attn_dropout": 0.2, "mask_ratio": 0.6, "ft_ratio": 0.09,
+                       "dupe_factor": 10, "lr": 1e-4}
+    assert sf.fixed == {"hidden": 64}

@@ -16,6 +16,11 @@ same set of (history, target) samples:
   the encoder then computes each position once instead of once per prefix.
 
 `batch_size` always counts samples, so both layouts take the same number of optimizer steps.
+
+A layout may ask for every row D times per epoch: `"prefix*10"` is the "prefix" layout with
+each row drawn 10 times, the copies shuffled over the epoch's batches like any other rows (a
+model that draws something random per row in its loss, BERT4Rec's cloze masks, then sees D
+independently masked copies of each sample per epoch: the BERT4Rec authors' `dupe_factor`).
 Batches are padded on the right to their own longest row; rows of similar length are batched
 together (shuffled within buckets) so little is padded.
 """
@@ -30,6 +35,15 @@ import torch
 from harness.data.sequences import SequenceData
 
 LAYOUTS = ("sequence", "prefix")
+
+
+def parse_layout(layout: str) -> tuple[str, int]:
+    """("prefix", 1) for "prefix", ("prefix", 10) for "prefix*10" (each row 10 times per epoch)."""
+    name, star, count = layout.partition("*")
+    if name not in LAYOUTS or (star and not (count.isdigit() and int(count) >= 1)):
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}, optionally *D (D >= 1 copies "
+                         "of each row per epoch)")
+    return name, int(count) if star else 1
 
 
 @dataclass
@@ -137,9 +151,11 @@ class LeaveOneOut:
 
     def train_batches(self, layout: str, batch_size: int, rng: np.random.Generator,
                       bucket: int = 64) -> list[Batch]:
-        """One epoch of shuffled, length-bucketed batches of about `batch_size` samples."""
-        rows = self.train_rows(layout)
-        order = rng.permutation(len(rows))
+        """One epoch of shuffled, length-bucketed batches of about `batch_size` samples (each
+        row D times for a layout "NAME*D")."""
+        name, copies = parse_layout(layout)
+        rows = self.train_rows(name)
+        order = rng.permutation(len(rows) * copies) % len(rows)  # copies = 1: one permutation, as ever
         samples = rows.samples[order]
         # buckets of ~`bucket` batches, sorted by length inside: little padding, still random
         chunk = (np.cumsum(samples) - samples) // (batch_size * bucket)
