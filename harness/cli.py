@@ -447,12 +447,16 @@ def _experiment_command(kind) -> click.Command:
 
     @click.pass_context
     def command(ctx: click.Context, dataset: str, seeds: int, params_source: str, storage: str | None, **kw) -> None:
+        from click.core import ParameterSource
+
         from harness.experiments import experiment
 
         options = {k: kw.pop(k) for k in list(kw) if k in own}
         base = run_spec(ctx, "sasrec", dataset.split(",")[0], (), kw)
+        # a trainer flag the user gave wins over a model's study-file budget ([trainer] patience)
+        given = frozenset(k for k in kw if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE)
         name, made = experiment(kind.name, [d for d in dataset.split(",") if d], seeds, params_source, base, storage,
-                                ctx.obj["results_dir"], echo=click.echo, **options)
+                                ctx.obj["results_dir"], echo=click.echo, given=given, **options)
         for _, tex, table in made:
             _console().print(table)
             click.echo(f"LaTeX: {tex}  (CSV and figures beside it)")

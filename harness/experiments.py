@@ -37,6 +37,9 @@ class Cell:
     params: tuple[tuple[str, Any], ...] = ()
     noise: float = 0.0
     noise_on: str = "all"  # which histories carry the noise (RunSpec.noise_on); only with noise
+    # the model's own trainer budget (its study file's [trainer], e.g. patience 40) where it
+    # differs from the experiment's trainer flags; empty for most models
+    train: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
@@ -45,18 +48,22 @@ class Cell:
         return label(self.model)
 
     def key(self, train: dict) -> str:
-        """Everything that defines the run (trainer settings included)."""
+        """Everything that defines the run (trainer settings included: the cell's own override
+        the experiment's, so a cell without any keeps the key it always had)."""
         key = {"model": self.model, "dataset": self.dataset, "seed": self.seed,
-               "params": dict(self.params), "noise": self.noise, "train": train}
+               "params": dict(self.params), "noise": self.noise, "train": {**train, **dict(self.train)}}
         if self.noise and self.noise_on != "all":  # the default stays out: keys of older studies hold
             key["noise_on"] = self.noise_on
         return json.dumps(key, sort_keys=True)
 
     def run_spec(self, base: RunSpec) -> RunSpec:
-        """The cell's run: `base` (trainer flags, data, cache) with its model, data, noise, seed
-        and parameters."""
-        return base.with_values(dict(self.params), model=self.model, dataset=self.dataset, noise=self.noise,
+        """The cell's run: `base` (trainer flags, data, cache) with its model, data, noise, seed,
+        parameters and own trainer budget."""
+        spec = base.with_values(dict(self.params), model=self.model, dataset=self.dataset, noise=self.noise,
                                 noise_seed=self.seed, noise_on=self.noise_on, seed=self.seed)
+        if self.train:
+            spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **dict(self.train)))
+        return spec
 
 
 # ------------------------------------------------------------------------------------ params
@@ -69,6 +76,19 @@ def default_params(model: str) -> dict[str, Any]:
     except HarnessError:
         return {}
     return dict(sf.enqueue[0]) if sf.enqueue else {}
+
+
+def trainer_defaults(model: str, train: dict[str, Any], given: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The model's own trainer budget: its (base model's) study file's [trainer] values that
+    differ from `train` (the experiment's trainer settings), less the flags given on the
+    command line (a given --patience wins). Empty without a study file."""
+    import models
+
+    try:
+        sf = load_study_file(study_file_for(models.get(model).study_model))
+    except (HarnessError, KeyError):
+        return {}
+    return {k: v for k, v in sf.trainer_defaults(given).items() if train.get(k) != v}
 
 
 def best_params(model: str, dataset: str, storage) -> dict[str, Any] | None:
@@ -149,9 +169,13 @@ def _toml(path: Path) -> dict:
 
 def grid(models_: list[str], datasets: list[str], seeds: int, source: str, storage,
          noise: tuple[float, ...] = (0.0,), extra: list[dict] | None = None,
-         first_seed: int = 2020, noise_on: str = "all") -> tuple[list[Cell], list[str]]:
-    """The cells: models x datasets x extra params x noise rates x seeds first_seed, first_seed + 1, ..."""
+         first_seed: int = 2020, noise_on: str = "all", train: dict[str, Any] | None = None,
+         given: frozenset[str] = frozenset()) -> tuple[list[Cell], list[str]]:
+    """The cells: models x datasets x extra params x noise rates x seeds first_seed, first_seed + 1, ...;
+    each model with its study file's trainer budget where it differs from `train` (the
+    experiment's trainer settings) and the user did not give that flag (`given`)."""
     cells, notes = [], []
+    own = {model: tuple(sorted(trainer_defaults(model, train or {}, given).items())) for model in models_}
     for dataset in datasets:
         for model in models_:
             params, origin = params_for(model, dataset, source, storage)
@@ -159,8 +183,8 @@ def grid(models_: list[str], datasets: list[str], seeds: int, source: str, stora
             for more in extra or [{}]:
                 merged = tuple(sorted({**params, **more}.items()))
                 for rate in noise:
-                    cells += [Cell(model, dataset, first_seed + s, merged, rate, noise_on if rate else "all")
-                              for s in range(seeds)]
+                    cells += [Cell(model, dataset, first_seed + s, merged, rate, noise_on if rate else "all",
+                                   own[model]) for s in range(seeds)]
     return cells, notes
 
 
@@ -185,8 +209,11 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
     keys = [c.key(train) for c in cells]
     by_key = dict(zip(keys, cells))
     noise_on = next((c.noise_on for c in cells if c.noise), "all")  # the noisy cells' reading, for captions
-    study.set_user_attr("experiment", {"kind": kind, "cells": keys, "notes": notes, "train": train,
-                                       "noise_on": noise_on})
+    definition = {"kind": kind, "cells": keys, "notes": notes, "train": train, "noise_on": noise_on}
+    own = {c.model: dict(c.train) for c in cells if c.train}
+    if own:  # models trained with their own budget (study files' [trainer]), for captions
+        definition["train_by_model"] = own
+    study.set_user_attr("experiment", definition)
     store = artifact_store(results_dir)
     tried: set[str] = set()  # cells that failed in this invocation with an error: not retried here
     announced = False
@@ -231,9 +258,11 @@ def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, base: RunSpe
     """Train one claimed cell and tell its result; False if it failed with an error."""
     # the cell as a user attr, not params: one-choice categoricals that differ between
     # trials of one study are refused by Optuna ("dynamic value space")
-    trial.set_user_attr("cell_info", {"model": cell.model, "dataset": cell.dataset, "seed": cell.seed,
-                                      "noise": cell.noise, "noise_on": cell.noise_on,
-                                      "params": dict(cell.params)})
+    info = {"model": cell.model, "dataset": cell.dataset, "seed": cell.seed, "noise": cell.noise,
+            "noise_on": cell.noise_on, "params": dict(cell.params)}
+    if cell.train:
+        info["train"] = dict(cell.train)
+    trial.set_user_attr("cell_info", info)
     spec = cell.run_spec(base)
     echo(f"{counter} {cell.label} on {cell.dataset} seed {cell.seed}"
          + (f" noise {cell.noise:g}" if cell.noise else "")
@@ -283,10 +312,11 @@ def completed_cells(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def experiment(kind: str, datasets: list[str], seeds: int, source: str, base: RunSpec, storage_url: str | None,
                results_dir: Path, echo: Callable[[str], None] = print, name: str | None = None,
-               **options: Any) -> tuple[str, list]:
+               given: frozenset[str] = frozenset(), **options: Any) -> tuple[str, list]:
     """Build the grid of one experiment (`options` are its kind's command options), run its
-    missing cells, then write its report. Returns the study name and the report's (name, tex
-    path, rich table) entries."""
+    missing cells, then write its report. `given`: the trainer options the user gave on the
+    command line (`patience`, `epochs`...), which win over a model's study-file budget. Returns
+    the study name and the report's (name, tex path, rich table) entries."""
     import models
 
     try:
@@ -304,10 +334,14 @@ def experiment(kind: str, datasets: list[str], seeds: int, source: str, base: Ru
     # --seed is the first seed: `--seeds 1 --seed 2021` runs one seed's cells (e.g. on a second
     # machine) that a later `--seeds 2` finds done
     cells, notes = grid(axes.models, datasets, seeds, source, storage, noise=axes.noise, extra=axes.extra,
-                        first_seed=base.train.seed, noise_on=axes.noise_on)
+                        first_seed=base.train.seed, noise_on=axes.noise_on,
+                        train=train_identity(base.train, drop=("seed",)), given=given)
     check_runnable(cells, base, results_dir, source, axes.models)
     for note in notes:
         echo(f"params: {note}")
+    for model, own in dict.fromkeys((c.model, c.train) for c in cells if c.train):
+        echo(f"trainer: {model}: " + ", ".join(f"{k} {v}" for k, v in own)
+             + " (its study file's [trainer]; give the flag to override)")
     name = name or f"{kind}-{'+'.join(Path(d).stem if '/' in d else d for d in datasets)}"
     run_experiment(kind, name, cells, base, storage_url, results_dir, notes, echo)
     return name, report_experiments(storage_url, results_dir, results_dir / "report", only=name)

@@ -9,6 +9,11 @@ A study file (TOML, one per model, under studies/) says what `harness tune` sear
     trials = 50                    target COMPLETE + PRUNED trials in the study (--trials)
     sampler = "tpe"                "tpe" | "random", or { name = "tpe", seed = 0, ... } (arguments)
     pruner = "hyperband"           "hyperband" | "median" | "none", or { name = ..., ... } (--pruner)
+    [trainer]                      the model's own training budget where its code differs from the
+                                   harness's: patience, epochs (e.g. patience = 40). Defaults, not
+                                   fixed values: they replace the trainer flags' defaults in `tune`
+                                   and in every experiment (compare, ...), and a flag given on the
+                                   command line wins; captions say when a model's differ
     [fixed]                        values every trial uses: model config fields or trainer keys
     [space]                        name = { type = "int"|"float"|"categorical", low, high, log,
                                    step, choices, when = { other = value } }, suggested in file order
@@ -46,8 +51,11 @@ from harness.store import (is_storage_error, quiet_experimental, requeue, store_
 
 STUDY_DIRS = (Path("studies"), Path(__file__).resolve().parent.parent / "studies")
 METRIC = "valid_ndcg@10"
-TOP_KEYS = ("model", "description", "metric", "direction", "trials", "sampler", "pruner", "fixed",
+TOP_KEYS = ("model", "description", "metric", "direction", "trials", "sampler", "pruner", "trainer", "fixed",
             "space", "enqueue")
+# TrainConfig fields a study file's [trainer] may set: a model's training budget (how long it
+# may train, how long it may go without a better validation NDCG@10), not what it computes
+TRAINER_DEFAULT_KEYS = ("patience", "epochs")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 PRUNERS = {"hyperband": optuna.pruners.HyperbandPruner, "median": optuna.pruners.MedianPruner,
@@ -112,6 +120,11 @@ class StudyFile:
     sampler: tuple[str, dict] = ("tpe", {})
     pruner: tuple[str, dict] = ("hyperband", {})
     enqueue: tuple[dict, ...] = ()
+    trainer: dict[str, Any] = field(default_factory=dict)  # [trainer]: the model's budget defaults
+
+    def trainer_defaults(self, given: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+        """[trainer] values, less those whose flag the user gave on the command line."""
+        return {k: v for k, v in self.trainer.items() if k not in given}
 
 
 def study_file_for(model: str) -> Path:
@@ -166,8 +179,21 @@ def load_study_file(path: Path | str, extra_fixed: dict[str, str] | None = None)
                    direction=direction, trials=trials,
                    sampler=_parse_choice(raw, "sampler", SAMPLERS, path),
                    pruner=_parse_choice(raw, "pruner", PRUNERS, path),
-                   enqueue=tuple(_typed(raw, "enqueue", list, path, [])))
+                   enqueue=tuple(_typed(raw, "enqueue", list, path, [])),
+                   trainer=_parse_trainer(raw, path))
     return _check_against_model(sf, extra_fixed or {})
+
+
+def _parse_trainer(raw: dict, path: Path) -> dict[str, Any]:
+    trainer = _typed(raw, "trainer", dict, path, {})
+    for key, value in trainer.items():
+        if key not in TRAINER_DEFAULT_KEYS:
+            hint = " (learning rate, batch size, weight decay: [fixed] or [space])" if key in TRAINER_KEYS else ""
+            raise HarnessError(f"{path}: trainer.{key}: not a training-budget setting; known: "
+                               f"{', '.join(TRAINER_DEFAULT_KEYS)}{hint}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HarnessError(f"{path}: trainer.{key}: expected a positive integer, got {value!r}")
+    return dict(trainer)
 
 
 def _typed(raw: dict, key: str, kind: type, path: Path, default: Any) -> Any:
@@ -395,6 +421,13 @@ class TuneJob:
     min_epochs: int | None = None  # overrides the pruner's first rung / warm-up
     heartbeat: int = 60  # RDB storages only
     given_flags: frozenset[str] = frozenset()  # options given on the command line
+
+    def __post_init__(self) -> None:
+        # the study file's [trainer] budget replaces the flags' defaults (a given flag wins), so
+        # trials, the study's stored definition and its captions all see the model's own budget
+        defaults = self.study_file.trainer_defaults(self.given_flags)
+        if defaults:
+            self.base = dataclasses.replace(self.base, train=dataclasses.replace(self.base.train, **defaults))
 
     @property
     def target(self) -> int:

@@ -69,8 +69,10 @@ Choices and deviations:
 
 Slow start: at the code's contrastive weights (0.1) the first epochs belong to the contrastive
 terms and the CE barely moves; with both weights 0 the model is SASRec exactly. The code trains
-up to 300 epochs with patience 40, so give ICLRec a generous epoch cap and patience (measured
-curves: docs/results.md).
+up to 300 epochs with patience 40 (src/main.py), so studies/iclrec.toml gives it patience 40
+(`[trainer]`): `harness tune` and every experiment (compare, ...) stop its runs after 40 epochs
+without gain unless --patience is given, and the tables' captions say so. `harness train` takes
+the flags as given (default 10). Measured curves: docs/results.md.
 """
 from __future__ import annotations
 

@@ -66,7 +66,10 @@ Choices (where the code gave no usable answer or this harness differs):
   columns are padding + items, as every model of the harness.
 
 Slow start, as ICLRec's: the fine-grained term dominates the first epochs (curves and the time
-split of an epoch: docs/results.md). The code runs up to 300 epochs with patience 40.
+split of an epoch: docs/results.md). The code runs up to 300 epochs with patience 40
+(src/main.py), so studies/icsrec.toml gives it patience 40 (`[trainer]`): `harness tune` and
+every experiment (compare, ...) stop its runs after 40 epochs without gain unless --patience is
+given, and the tables' captions say so. `harness train` takes the flags as given (default 10).
 """
 from __future__ import annotations
 

@@ -235,3 +235,48 @@ def test_settings_that_would_fail_every_cell_are_refused_before_the_first(tmp_pa
 
     names = optuna.study.get_all_study_names(open_storage(storage))
     assert all(not optuna.load_study(study_name=n, storage=open_storage(storage)).get_trials() for n in names)
+
+
+def test_compare_gives_each_model_its_study_files_patience_unless_given(tmp_path):
+    """ICLRec's study file says patience 40 (its code's): its compare cells train with it, SASRec's
+    with the flag's default, and the caption says so; a --patience given on the command line wins."""
+    from harness.store import open_storage
+
+    env = {"HARNESS_CACHE_DIR": str(tmp_path / "c")}
+
+    def compare(storage: str, *more: str):
+        args = ["--results-dir", str(tmp_path / storage), "compare", "--dataset", "synthetic", "--models",
+                "sasrec,iclrec", "--seeds", "1", "--storage", str(tmp_path / f"{storage}.journal"), *TINY, *more]
+        result = CliRunner().invoke(cli, args, env=env, terminal_width=200)
+        assert result.exit_code == 0, result.output
+        study = optuna.load_study(study_name="compare-synthetic",
+                                  storage=open_storage(str(tmp_path / f"{storage}.journal")))
+        patience = {t.user_attrs["cell_info"]["model"]: t.user_attrs["train_config"]["patience"]
+                    for t in study.trials if t.state.name == "COMPLETE"}
+        tex = (tmp_path / storage / "report" / "compare-synthetic.tex").read_text()
+        return result.output, patience, tex
+
+    output, patience, tex = compare("own")
+    assert patience == {"sasrec": 10, "iclrec": 40}
+    assert "trainer: iclrec: patience 40" in output
+    assert "(early stop after 10 epochs without gain)" in tex
+    assert "ICLRec: early stop after 40 epochs without gain (its study file's trainer setting)." in tex
+    output, patience, tex = compare("given", "--patience", "7")
+    assert patience == {"sasrec": 7, "iclrec": 7} and "trainer: iclrec" not in output
+    assert "after 7 epochs without gain" in tex and "ICLRec: early stop" not in tex
+
+
+def test_a_cell_without_a_budget_of_its_own_keeps_its_key():
+    import json
+
+    from harness.experiments import Cell
+    from harness.train import TrainConfig
+
+    train = {"patience": 10, "epochs": 200}
+    plain = Cell("sasrec", "toys", 2020, (("lr", 1e-3),))
+    assert plain.key(train) == json.dumps({"model": "sasrec", "dataset": "toys", "seed": 2020, "params": {"lr": 1e-3},
+                                           "noise": 0.0, "train": train}, sort_keys=True)  # as stored before
+    own = dataclasses.replace(plain, train=(("patience", 40),))
+    assert json.loads(own.key(train))["train"] == {"patience": 40, "epochs": 200}
+    spec = own.run_spec(RunSpec(model="x", dataset="y", train=TrainConfig(patience=10)))
+    assert (spec.train.patience, spec.train.lr, spec.train.seed, spec.model) == (40, 1e-3, 2020, "sasrec")

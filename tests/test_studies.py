@@ -129,6 +129,12 @@ BAD = [  # (text after `model = "igr-sr"`, the key the message names, what it sa
     ('sampler = { name = "tpe", warmup = 3 }\n' + K, "sampler.warmup", "not an argument of the tpe sampler"),
     ('trials = "many"\n' + K, "trials", "expected an integer"),
     ('metric = "test_ndcg@10"\n' + K, "metric", "valid_ndcg@10"),
+    ('trainer = 40\n' + K, "trainer", "expected a table"),
+    ('[trainer]\npatience = 0\n' + K, "trainer.patience", "expected a positive integer"),
+    ('[trainer]\npatience = true\n' + K, "trainer.patience", "expected a positive integer"),
+    ('[trainer]\nepochs = 2.5\n' + K, "trainer.epochs", "expected a positive integer"),
+    ('[trainer]\nlr = 0.1\n' + K, "trainer.lr", "[fixed] or [space]"),
+    ('[trainer]\nmax_len = 10\n' + K, "trainer.max_len", "not a training-budget setting; known: patience, epochs"),
 ]
 
 
@@ -241,3 +247,24 @@ def test_bert4rec_study_runs_recboles_recipe_then_the_authors():
     assert authors == {"layers": 2, "dropout": 0.5, "attn_dropout": 0.2, "mask_ratio": 0.6, "ft_ratio": 0.09,
                        "dupe_factor": 10, "lr": 1e-4}
     assert sf.fixed == {"hidden": 64}
+
+
+def test_trainer_section_sets_the_models_budget_unless_the_flag_is_given(tmp_path):
+    from harness.tune import study_definition
+
+    path = write(tmp_path, SMALL + "[trainer]\npatience = 40\nepochs = 7\n")
+    sf = load_study_file(path)
+    assert sf.trainer == {"patience": 40, "epochs": 7} and sf.trainer_defaults({"epochs"}) == {"patience": 40}
+    job = _job(path, tmp_path)
+    assert (job.base.train.patience, job.base.train.epochs) == (40, 7)  # trials, pruner cap, definition
+    assert study_definition(job)["train"]["patience"] == 40
+    given = _job(path, tmp_path, given_flags=frozenset({"patience"}))  # --patience on the command line wins
+    assert (given.base.train.patience, given.base.train.epochs) == (10, 7)
+    assert _job(write(tmp_path, SMALL, "plain.toml"), tmp_path).base.train.patience == 10
+
+
+def test_iclrec_and_icsrec_studies_carry_their_codes_patience():
+    for path in sorted((REPO / "studies").glob("*.toml")):
+        sf = load_study_file(path)
+        expected = {"patience": 40} if sf.model in ("iclrec", "icsrec") else {}
+        assert sf.trainer == expected, path.name

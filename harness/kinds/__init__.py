@@ -32,7 +32,7 @@ class ReportContext:
     name: str  # the experiment's study name
     base: Path  # output path without suffix: <out>/<name>
     store: Any  # artifact store holding each cell's per-user ranks
-    experiment: dict  # the stored definition: kind, cells, notes, train, noise_on
+    experiment: dict  # the stored definition: kind, cells, notes, train, noise_on (+ train_by_model)
 
     @property
     def train(self) -> dict:
@@ -51,7 +51,28 @@ class ReportContext:
         """The caption's budget and parameter-origin sentences."""
         from harness.report import budget_note, params_note
 
-        return f"{budget_note(self.train)} {params_note(self.experiment.get('notes', []))}".strip()
+        return " ".join(part for part in (budget_note(self.train), self.own_budget_note,
+                                          params_note(self.experiment.get("notes", []))) if part)
+
+    @property
+    def own_budget_note(self) -> str:
+        """Models trained with a budget of their own (their study files' [trainer], their code's
+        patience): "ICLRec and ICSRec: early stop after 40 epochs without gain (their study files'
+        trainer setting)." Empty when every model had the experiment's."""
+        from harness.report import label
+        from harness.tables import latex_escape
+
+        groups: dict[tuple, list[str]] = {}
+        for model, own in self.experiment.get("train_by_model", {}).items():
+            groups.setdefault(tuple(sorted(own.items())), []).append(label(model))
+        sentences = []
+        for own, labels in groups.items():
+            names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+            parts = [f"early stop after {v} epochs without gain" if k == "patience" else f"at most {v} epochs"
+                     if k == "epochs" else f"{k} {v}" for k, v in own]
+            whose = "its study file's trainer setting" if len(labels) == 1 else "their study files' trainer setting"
+            sentences.append(f"{latex_escape(names)}: {', '.join(parts)} ({whose}).")
+        return " ".join(sentences)
 
 
 Output = tuple[str, Path, Any]  # (study name, .tex path, a rich renderable for the terminal)
