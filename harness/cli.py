@@ -508,3 +508,87 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
         click.echo(f"LaTeX: {tex}")
     click.echo(f"{len(made)} experiment(s) reported under {target}" if made else
                "no experiment studies stored yet: run harness ablate / compare / robustness / sensitivity")
+
+
+# ---- the whole pipeline: harness/paper.py --------------------------------------------------
+
+@cli.command()
+@click.option("--dataset", required=True, help="toys, instrument, cds_and_vinyl, synthetic[-SCALE] or a file path.")
+@click.option("--models", "models_", default=None,
+              help="Comma-separated models to tune and compare. Default: Table 2's 8 systems and igr-sr.")
+@click.option("--trials", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Finished trials per model's tuning study (every model the same).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Epoch cap of every tuning trial (every model the same).")
+@click.option("--min-epochs", type=click.IntRange(min=1), default=None,
+              help="The pruner's first rung for every study. Default: the largest of the study files' "
+                   "(ICLRec's and ICSRec's 15), capped at --epochs.")
+@click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default="hyperband", show_default=True)
+@click.option("--lr-trials", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Trials of each ablation variant's lr-only study.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds per experiment cell: --seed, --seed + 1, ...")
+@click.option("--final-epochs", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Epoch cap of the experiments' runs, trained to early stop.")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
+              help="Early-stopping patience of every run. Default: 10, or a study file's [trainer] patience.")
+@click.option("--hours", type=float, default=None,
+              help="Fit the whole pipeline into this many hours: cut trials, then the epoch cap (not below "
+                   "the first rung); the plan says what was cut.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes per stage (tune workers, or processes filling a grid).")
+@click.option("--storage", envvar="HARNESS_STORAGE", default=None, help=_STORAGE_HELP)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Tables, figures and manifest. Default <results-dir>/paper/<dataset>.")
+@click.option("--prefix", default="paper", show_default=True, help="Study names: PREFIX-MODEL-DATASET, PREFIX-compare-DATASET...")
+@click.option("--stages", default="tune,compare,ablate,sensitivity,robustness,report", show_default=True,
+              help="The stages to run, in this order; each resumes from the stores.")
+@click.option("--k", "ks", default="2,4,8,16,32", show_default=True, help="Sensitivity: prefix token counts.")
+@click.option("--m", "ms", default="1,2,3,4,5", show_default=True, help="Sensitivity: intent token counts.")
+@click.option("--noise", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
+@click.option("--noise-on", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True,
+              help="Robustness: which histories carry the noise (see harness robustness --help).")
+@click.option("--robustness-models", default="sasrec,igr-sr", show_default=True)
+@click.option("--no-bench", is_flag=True, help="Do not measure costs for the ETA: cached figures, else rough defaults.")
+@click.option("--bench-batches", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--seed", type=int, default=2020, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--worker", "worker_index", type=int, default=None, hidden=True)
+@click.pass_context
+def paper(ctx: click.Context, dataset: str, models_: str | None, storage: str | None, out: str | None, stages: str,
+          patience: int | None, seed: int, device: str, precision: str, lid_epochs: int, worker_index: int | None,
+          no_bench: bool, **kw) -> None:
+    """The paper's pipeline on one dataset, resumable: tune every model under one budget, then
+    compare, ablate, sensitivity, robustness and report (tables, figures, manifest). Prints the
+    plan (runs, epochs, ETA) first; rerunning the same command continues where it stopped.
+
+    \b
+    Example:
+      harness paper --dataset toys --trials 12 --epochs 30 --seeds 3 --dry-run
+    """
+    from click.core import ParameterSource
+
+    from harness.paper import PaperJob, run_paper
+
+    train = {"epochs": 200, "patience": patience or 10, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.0,
+             "seed": seed, "device": device, "precision": precision, "mask_history": False, "max_len": 50,
+             "cmd_data_dir": None, "lid_epochs": lid_epochs}
+    given = frozenset(n for n in ctx.params if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE)
+    job = PaperJob(dataset=dataset, base=run_spec(ctx, "igr-sr", dataset, (), train),
+                   results_dir=ctx.obj["results_dir"], models=[m for m in (models_ or "").split(",") if m] or None,
+                   storage=storage, out=Path(out) if out else None, stages=tuple(s for s in stages.split(",") if s),
+                   bench=not no_bench, worker=worker_index, given=given,
+                   argv=tuple(_given_options(ctx, worker_index=None)), **kw)
+
+    def worker_argv(stage: str, index: int, overrides: dict) -> list[str]:
+        return [sys.executable, "-m", "harness", *_given_options(ctx.parent), ctx.info_name,
+                *_given_options(ctx, stages=stage, worker_index=index, workers=None, hours=None, dry_run=None,
+                                **overrides)]
+
+    made = run_paper(job, worker_argv, echo=click.echo, console=_console())
+    for _, tex, table in made:
+        _console().print(table)
+        click.echo(f"LaTeX: {tex}")

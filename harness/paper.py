@@ -1,0 +1,1166 @@
+"""`harness paper`: the paper's whole pipeline on one dataset, as one resumable command.
+
+Stages, each made of what the single commands run (the same functions, the same storage):
+- tune: every model's study (the 8 systems of Table 2 and IGR-SR), each from its own study file
+  but under one budget: the same number of trials, epoch cap, pruner and first rung (the files'
+  own trial counts, caps and first rungs are overridden, and the manifest says so);
+- compare (Table 2): each model at its best trial over S seeds, trained to early stop;
+- ablate (Figure 2): first one small lr-only study per variant (the full model included), then
+  the variants over S seeds, each at IGR-SR's best parameters and its own tuned lr;
+- sensitivity (Figure 3): IGR-SR at its best parameters over a k x m grid;
+- robustness (Table 3): clean and noisy cells of the listed models;
+- report: every table and figure, the tuning overview and a manifest under the output folder.
+
+Resumable because the stores are: a tune study holding its target of finished trials runs
+nothing, an experiment grid runs only the cells not COMPLETE. The only file of the pipeline's
+own is the manifest (commit, data hash, versions, budgets, each stage's command and wall time),
+rewritten after every stage; nothing is read back from it to decide what to run.
+
+Equal budget, precisely: a model's parameters are those of its best COMPLETE trial among the
+first N finished (COMPLETE + PRUNED, by trial number) trials of its study, so that workers or
+machines overshooting the target never give one model more trials than another. The study
+file's [fixed] values are part of them (the tuning trials ran with them).
+
+The ETA comes from each model's measured cost on this machine (`harness bench` in a child
+process, cached under the cache directory per model, data, precision, device and threads), or,
+with --no-bench and nothing cached, from rough defaults (the README's Toys figures scaled by
+the dataset's size). --hours H cuts the trials first, then the epoch cap (never below the first
+rung), to fit the whole pipeline, done runs included (so that a rerun makes the same cut).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import HarnessError
+
+STAGES = ("tune", "compare", "ablate", "sensitivity", "robustness", "report")
+PROPOSED = "igr-sr"
+# Rough seconds per training epoch when nothing is measured: README's `harness bench --models all
+# --dataset toys --clock cpu` at 1 thread, bf16; scaled by interactions / Toys' interactions.
+ROUGH_SECONDS_PER_EPOCH = {"gru4rec": 13.0, "sasrec": 16.2, "bert4rec": 22.7, "iclrec": 35.6, "lares-ssl": 40.9,
+                           "rearec-prl": 29.0, "igr-sr": 39.3, "rearec-erl": 47.5, "icsrec": 79.6}
+ROUGH_EVAL_SECONDS = 2.0
+TOYS_INTERACTIONS = 167_597
+LR_RANGE = (1e-4, 1e-2)  # the lr studies' range when IGR-SR's study file does not search lr
+LID_EPOCHS_GUESS = 50  # an early-stopped LID pre-training, for the ETA only
+VARIANT_POLICY = ("every variant (the full model alike) takes IGR-SR's best tuned parameters except the "
+                  "learning rate, which is tuned per variant in an lr-only study of its own (the same trials, "
+                  "epoch cap and pruner for each; the full model's tuned lr enqueued first): one lr tuned for "
+                  "the full model stalls the variants without ICR")
+
+
+# ---------------------------------------------------------------------------------------------
+# The job, its budget, its plan
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PaperJob:
+    dataset: str
+    base: Any  # harness.runs.RunSpec: trainer flags (device, precision, seed, patience, lid_epochs), data, cache
+    results_dir: Path = Path("results")
+    models: list[str] | None = None  # None: the registry's models (no variants), IGR-SR last
+    trials: int = 12
+    epochs: int = 30  # the tuning trials' epoch cap
+    min_epochs: int | None = None  # the first rung; None: the largest of the study files', capped at epochs
+    pruner: str = "hyperband"
+    lr_trials: int = 6
+    seeds: int = 3
+    final_epochs: int = 200  # epoch cap of the experiments' runs (early stopping decides)
+    hours: float | None = None
+    workers: int = 1
+    storage: str | None = None
+    prefix: str = "paper"
+    out: Path | None = None  # default <results>/paper/<dataset>
+    stages: tuple[str, ...] = STAGES
+    ks: str = "2,4,8,16,32"
+    ms: str = "1,2,3,4,5"
+    noise: float = 0.2
+    noise_on: str = "all"
+    robustness_models: str = "sasrec,igr-sr"
+    bench: bool = True
+    bench_batches: int = 20
+    dry_run: bool = False
+    worker: int | None = None  # a worker process of an experiment stage (started by the parent)
+    given: frozenset[str] = frozenset()  # options given on the command line ("patience", "final_epochs")
+    argv: tuple[str, ...] = ()  # the paper command's own options as given, for the manifest
+
+    @property
+    def data_name(self) -> str:
+        return Path(self.dataset).stem if "/" in self.dataset else self.dataset
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else self.results_dir / "paper" / self.data_name
+
+    def study(self, what: str) -> str:
+        return f"{self.prefix}-{what.replace('/', '_')}-{self.data_name}"
+
+    def tune_base(self, budget: "Budget"):
+        return dataclasses.replace(self.base, train=dataclasses.replace(self.base.train, epochs=budget.epochs))
+
+    def final_base(self):
+        return dataclasses.replace(self.base, train=dataclasses.replace(self.base.train, epochs=self.final_epochs))
+
+    @property
+    def tune_given(self) -> frozenset[str]:
+        """The trainer flags every tuning job treats as given: the epoch cap always (a study
+        file's [trainer] epochs must not unequal the budget), patience when the user gave it."""
+        return frozenset({"epochs", *({"patience"} & self.given)})
+
+    @property
+    def final_given(self) -> frozenset[str]:
+        return frozenset(({"epochs"} if "final_epochs" in self.given else set()) | ({"patience"} & self.given))
+
+
+@dataclass
+class Budget:
+    trials: int
+    lr_trials: int
+    epochs: int
+    first_rung: int
+    pruner: str
+    requested: dict[str, int] = field(default_factory=dict)  # trials, lr_trials, epochs before --hours
+    cut: list[str] = field(default_factory=list)  # what --hours cut, one line each
+    fits: bool | None = None  # --hours: does the (cut) plan fit
+
+
+@dataclass(frozen=True)
+class Cost:
+    seconds_per_epoch: float  # training
+    eval_seconds: float  # one validation (run after every epoch)
+    source: str
+
+    @property
+    def epoch(self) -> float:
+        return self.seconds_per_epoch + self.eval_seconds
+
+
+@dataclass
+class Item:
+    """A part of a stage: one tuning study, or one experiment grid."""
+
+    label: str
+    study: str | None
+    runs: int
+    epochs: int  # per run: the cap (tuning) or the estimate to early stop (experiments)
+    per_run: float  # estimated seconds of one run on one worker
+    done: int = 0
+    tuning: bool = False  # a tuning study (runs = trials), else an experiment grid (runs = cells)
+    model: str = ""  # a tuning study's model or variant
+
+
+@dataclass
+class StagePlan:
+    name: str
+    items: list[Item]
+    overhead: float = 0.0  # seconds outside the runs (LID pre-training)
+    note: str = ""
+
+    @property
+    def runs(self) -> int:
+        return sum(i.runs for i in self.items)
+
+    @property
+    def done(self) -> int:
+        return sum(min(i.done, i.runs) for i in self.items)
+
+    def remaining_seconds(self) -> float:
+        return sum(max(i.runs - i.done, 0) * i.per_run for i in self.items) + (self.overhead if self.done < self.runs else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the input
+# ---------------------------------------------------------------------------------------------
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(option: str, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in _split(value)]
+    except ValueError:
+        raise HarnessError(f"{option} {value}: expected comma-separated integers") from None
+    if not out:
+        raise HarnessError(f"{option}: give at least one value")
+    return out
+
+
+def default_models() -> tuple[list[str], list[str]]:
+    """Table 2's systems: every registered model but the ablation variants that has a study
+    file (its search space), IGR-SR last; and the models left out for want of one."""
+    import models
+    from harness.studies import study_file_for
+
+    names, without = [], []
+    for name in models.names():
+        if "/" in name or name == PROPOSED:
+            continue
+        try:
+            study_file_for(name)
+            names.append(name)
+        except HarnessError:
+            without.append(name)
+    return [*names, PROPOSED], without
+
+
+def variants() -> list[str]:
+    from harness.kinds.ablate import VARIANTS
+
+    return list(VARIANTS)
+
+
+def check(job: PaperJob) -> list[str]:
+    """One-line errors for bad input, before anything is measured or stored; returns the models."""
+    import models
+    from harness.studies import study_file_for
+
+    if job.hours is not None and not (job.hours > 0 and math.isfinite(job.hours)):
+        raise HarnessError(f"--hours {job.hours:g}: expected a positive number of hours")
+    unknown = [s for s in job.stages if s not in STAGES]
+    if unknown or not job.stages:
+        raise HarnessError(f"--stages {','.join(job.stages)}: choose from {', '.join(STAGES)}")
+    names = list(dict.fromkeys(job.models)) if job.models else default_models()[0]
+    for name in names:
+        try:
+            models.get(name)
+        except KeyError as e:
+            raise HarnessError(f"--models: {e.args[0]}") from None
+        if "/" in name:
+            raise HarnessError(f"--models {name}: an ablation variant; the ablate stage runs the variants")
+        try:
+            study_file_for(name)
+        except HarnessError as e:
+            raise HarnessError(f"--models {name}: {e}") from None
+    if PROPOSED not in names and {"ablate", "sensitivity"} & set(job.stages):
+        raise HarnessError(f"--models: the ablate and sensitivity stages need {PROPOSED}'s tuned parameters; "
+                           f"add {PROPOSED} or leave those out of --stages")
+    if "robustness" in job.stages:
+        for name in _split(job.robustness_models):
+            if name not in names:
+                raise HarnessError(f"--robustness-models {name}: not among --models (its parameters come from "
+                                   "its tuning study)")
+    _ints("--k", job.ks)
+    _ints("--m", job.ms)
+    if job.min_epochs is not None and job.min_epochs > job.epochs:
+        raise HarnessError(f"--min-epochs {job.min_epochs}: above the epoch cap --epochs {job.epochs}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs: bench figures (cached), else rough defaults
+# ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def _threads_env(threads: int):
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({k: str(threads) for k in saved})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def first_params(model: str) -> dict[str, Any]:
+    """A model's study file's fixed values and first enqueued trial: what its bench times."""
+    sf = _study_file(model)
+    return {**sf.fixed, **(sf.enqueue[0] if sf.enqueue else {})}
+
+
+def measure_costs(job: PaperJob, names: list[str], data, threads: int,
+                  echo: Callable[[str], None]) -> dict[str, Cost]:
+    """Seconds per epoch and per validation of each model: the cached bench figure, a bench
+    run now (unless --no-bench), or the rough default."""
+    from harness.bench import bench_in_subprocess
+    from harness.train import resolve_device
+
+    device = str(resolve_device(job.base.train.device))
+    scale = data.n_interactions / TOYS_INTERACTIONS
+    folder = job.base.cache_dir / "paper-bench"
+    costs: dict[str, Cost] = {}
+    for model in names:
+        params = first_params(model)
+        key = {"model": model, "data": data.content_hash, "precision": job.base.train.precision, "device": device,
+               "threads": threads, "batches": job.bench_batches, "params": params}
+        path = folder / (hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+                         + ".json")
+        if path.is_file():
+            try:
+                got = json.loads(path.read_text())
+                costs[model] = Cost(got["seconds_per_epoch"], got["eval_seconds"], f"bench, cached {got['when']}")
+                continue
+            except (OSError, ValueError, KeyError):
+                pass  # a torn cache file: measure again
+        rough = Cost(ROUGH_SECONDS_PER_EPOCH.get(model, max(ROUGH_SECONDS_PER_EPOCH.values())) * scale,
+                     ROUGH_EVAL_SECONDS * scale, "rough default")
+        if not job.bench:
+            costs[model] = rough
+            continue
+        echo(f"measuring {model}'s cost: harness bench, {job.bench_batches} batches at {threads} thread(s) "
+             f"(once; cached in {folder})")
+        spec = dataclasses.replace(job.base.with_values(params, model=model, dataset=job.dataset), lid_epochs=1)
+        try:
+            with _threads_env(threads):
+                report = bench_in_subprocess(spec, job.bench_batches, "cpu" if threads == 1 else "wall")
+        except HarnessError as e:
+            echo(f"warning: {e}; the ETA uses a rough default for {model}")
+            costs[model] = dataclasses.replace(rough, source="rough default (bench failed)")
+            continue
+        when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        costs[model] = Cost(report["seconds_per_epoch"], report["eval_seconds"], "bench, measured now")
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_text(path, json.dumps({**key, "seconds_per_epoch": report["seconds_per_epoch"],
+                                      "eval_seconds": report["eval_seconds"], "when": when}, indent=1, default=str))
+    return costs
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _study_file(model: str):
+    """studies/<model>.toml, parsed once per process (the plan is rebuilt many times by --hours)."""
+    from harness.studies import load_study_file, study_file_for
+
+    return load_study_file(study_file_for(model))
+
+
+def default_first_rung(names: list[str], epochs: int) -> int:
+    """The largest first rung (Hyperband's min_resource) of the models' study files, capped at
+    the epoch cap: a slow starter's rung is every model's, so none is pruned before its own."""
+    rungs = [int(_study_file(m).pruner[1].get("min_resource", 1)) for m in names]
+    return min(max(rungs, default=1), epochs)
+
+
+def _patience(job: PaperJob, model: str) -> int:
+    import models
+
+    if "patience" in job.given:
+        return job.base.train.patience
+    own = _study_file(models.get(model).study_model).trainer
+    return int(own.get("patience", job.base.train.patience))
+
+
+def build_plan(job: PaperJob, names: list[str], budget: Budget, costs: dict[str, Cost]) -> list[StagePlan]:
+    """Stages, their runs and estimated seconds (nothing done yet; `fill_done` adds that)."""
+    from harness.studies import SearchParam
+
+    def cost(model: str) -> Cost:
+        return costs.get(model) or costs[PROPOSED]
+
+    def final_epochs(model: str) -> int:  # to early stop: about the tuning cap's best epoch + patience
+        return min(job.final_epochs, job.epochs + _patience(job, model))
+
+    def grid_item(label: str, study: str, models_: list[str], per_model: int) -> Item:
+        runs = per_model * len(models_)
+        seconds = sum(final_epochs(m) * cost(m).epoch for m in models_) / max(len(models_), 1)
+        return Item(label, study, runs, round(sum(final_epochs(m) for m in models_) / max(len(models_), 1)), seconds)
+
+    plans: list[StagePlan] = []
+    if "tune" in job.stages:
+        items = [Item(m, job.study(m), budget.trials, budget.epochs, budget.epochs * cost(m).epoch, tuning=True, model=m)
+                 for m in names]
+        overhead = 0.0
+        if PROPOSED in names:
+            d_l = next((p for p in _study_file(PROPOSED).space if p.name == "d_l"), None)
+            n_lid = len(d_l.choices) if isinstance(d_l, SearchParam) and d_l.type == "categorical" else 1
+            lid_cost = costs.get("sasrec") or Cost(cost(PROPOSED).seconds_per_epoch / 2, cost(PROPOSED).eval_seconds, "")
+            overhead = n_lid * min(job.base.lid_epochs, LID_EPOCHS_GUESS) * lid_cost.epoch
+        plans.append(StagePlan("tune", items, overhead, f"{_n(budget.trials, 'trial')} per model, at most "
+                                                        f"{budget.epochs} epochs each, {budget.pruner} from epoch "
+                                                        f"{budget.first_rung}"))
+    if "compare" in job.stages:
+        plans.append(StagePlan("compare", [grid_item("compare", job.study("compare"), names, job.seeds)],
+                               note=f"{_n(len(names), 'model')} x {_n(job.seeds, 'seed')}, to early stop"))
+    if "ablate" in job.stages:
+        items = [Item(f"lr of {v.split('/')[-1]}", None, budget.lr_trials, budget.epochs,
+                      budget.epochs * cost(v).epoch, tuning=True, model=v) for v in variants()]
+        items.append(grid_item("ablate", job.study("ablate"), variants(), job.seeds))
+        plans.append(StagePlan("ablate", items, note=f"{len(variants())} lr studies x {_n(budget.lr_trials, 'trial')}, "
+                                                     f"then {len(variants())} variants x {_n(job.seeds, 'seed')}"))
+    if "sensitivity" in job.stages:
+        ks, ms = _ints("--k", job.ks), _ints("--m", job.ms)
+        plans.append(StagePlan("sensitivity", [grid_item("sensitivity", job.study("sensitivity"), [PROPOSED],
+                                                         len(ks) * len(ms) * job.seeds)],
+                               note=f"k {job.ks} x m {job.ms} x {_n(job.seeds, 'seed')}"))
+    if "robustness" in job.stages:
+        rob = _split(job.robustness_models)
+        plans.append(StagePlan("robustness", [grid_item("robustness", job.study("robustness"), rob, 2 * job.seeds)],
+                               note=f"{_n(len(rob), 'model')} x (clean, {job.noise:g} noise on {job.noise_on}) x "
+                                    f"{_n(job.seeds, 'seed')}"))
+    if "report" in job.stages:
+        plans.append(StagePlan("report", [], note="every table and figure, the tuning overview, the manifest"))
+    return plans
+
+
+def total_seconds(plans: list[StagePlan], workers: int) -> float:
+    return sum(p.remaining_seconds() for p in plans) / workers
+
+
+def fit_budget(job: PaperJob, names: list[str], costs: dict[str, Cost], first_rung: int) -> Budget:
+    """The budget; with --hours, trials (and lr trials with them) cut first, then the epoch cap
+    down to the first rung, until the whole pipeline's estimate fits."""
+    budget = Budget(job.trials, job.lr_trials, job.epochs, first_rung, job.pruner,
+                    requested={"trials": job.trials, "lr_trials": job.lr_trials, "epochs": job.epochs})
+    if job.hours is None:
+        return budget
+    target = job.hours * 3600
+
+    def fits() -> bool:
+        return total_seconds(build_plan(job, names, budget, costs), job.workers) <= target
+
+    while not fits() and budget.trials > 1:
+        budget.trials -= 1
+        budget.lr_trials = max(1, math.ceil(job.lr_trials * budget.trials / job.trials))
+    while not fits() and budget.epochs > first_rung:
+        budget.epochs -= 1
+    budget.fits = fits()
+    if budget.trials != job.trials:
+        budget.cut.append(f"trials per model {job.trials} -> {budget.trials}")
+    if budget.lr_trials != job.lr_trials:
+        budget.cut.append(f"lr trials per ablation variant {job.lr_trials} -> {budget.lr_trials}")
+    if budget.epochs != job.epochs:
+        budget.cut.append(f"tuning epoch cap {job.epochs} -> {budget.epochs} (never below the first rung, "
+                          f"{first_rung})")
+    return budget
+
+
+def fill_done(job: PaperJob, plans: list[StagePlan], budget: Budget) -> None:
+    """Runs already in the stores, per item (nothing opened or created when no store exists)."""
+    import optuna
+
+    from harness.experiments import completed_cells
+    from harness.store import DEFAULT_STORAGE, open_storage
+
+    url = job.storage or DEFAULT_STORAGE
+    if "://" not in url and not Path(url).exists():
+        return
+    storage = open_storage(job.storage)
+    stored = set(optuna.study.get_all_study_names(storage))
+    lr_names = lr_study_names(job, budget, storage, stored) if any(p.name == "ablate" for p in plans) else {}
+    for plan in plans:
+        for item in plan.items:
+            if item.study is None and item.tuning:
+                item.study = lr_names.get(item.model)
+            if item.study is None or item.study not in stored:
+                continue
+            study = optuna.load_study(study_name=item.study, storage=storage)
+            if item.tuning:
+                item.done = min(finished(study), item.runs)
+            elif "experiment" in study.user_attrs:
+                item.done = min(len(completed_cells(study)), item.runs)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 90:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_plan(job: PaperJob, plans: list[StagePlan], budget: Budget, costs: dict[str, Cost], threads: int):
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=f"plan: harness paper on {job.dataset}, {job.workers} worker{'s' * (job.workers > 1)}",
+                  box=box.SIMPLE_HEAD)
+    for name, justify in (("stage", "left"), ("part", "left"), ("runs done/all", "right"),
+                          ("epochs", "right"), ("time left", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for plan in plans:
+        if not plan.items:
+            table.add_row(plan.name, "", "-", "-", "-")
+        for i, item in enumerate(plan.items):
+            epochs = f"<= {item.epochs}" if item.tuning else f"~{item.epochs}"
+            table.add_row(plan.name if i == 0 else "", item.label, f"{item.done} / {item.runs}", epochs,
+                          format_duration(max(item.runs - item.done, 0) * item.per_run / job.workers))
+        if plan.overhead and plan.done < plan.runs:
+            table.add_row("", "LID encoders", "", "", f"<= {format_duration(plan.overhead)}")
+    parts: list[Any] = [table, f"  storage {job.storage or 'studies/optuna.journal'}; outputs {job.out_dir}"]
+    parts += [f"  {p.name}: {p.note}" for p in plans if p.note]
+    sources = sorted({c.source for c in costs.values()})
+    parts.append(f"ETA {format_duration(total_seconds(plans, job.workers))} for the runs left "
+                 f"({sum(p.runs - p.done for p in plans)} of {sum(p.runs for p in plans)}); per-epoch costs at "
+                 f"{threads} thread(s), {job.base.train.precision}: {'; '.join(sources)}. Tuning estimates assume "
+                 "no trial is pruned; experiments' epochs are a guess (cap + patience).")
+    if job.hours is not None:
+        if budget.cut:
+            parts.append(f"--hours {job.hours:g} cut: " + "; ".join(budget.cut))
+        else:
+            parts.append(f"--hours {job.hours:g}: the plan fits, nothing cut")
+        if not budget.fits:
+            parts.append(f"[yellow]warning: even cut to the floor (1 trial, epoch cap {budget.first_rung}) the plan "
+                         f"does not fit in {job.hours:g} h: the experiments' runs are not cut (lower --seeds, the --k/--m grid or "
+                         "--stages); it runs anyway, and a rerun resumes it[/yellow]")
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+
+_FINISHED_RUN = re.compile(r"^(\[w\d+\] )?trial \d+ (complete|pruned)|^  test recall@10 ")
+
+
+class Progress:
+    """One line per finished run: the stage, runs done / total (stage and all), ETA. The ETA
+    rescales the plan's estimate of what is left by how long this invocation's runs took
+    against their estimate."""
+
+    def __init__(self, plans: list[StagePlan], workers: int, console):
+        self.plans, self.workers, self.console = plans, workers, console
+        self.started: float | None = None
+        self.planned_done = 0.0
+        self.last: tuple | None = None  # what the last line said: a line repeats only with news
+
+    def eta(self) -> float:
+        left = sum(p.remaining_seconds() for p in self.plans)
+        if self.planned_done > 0 and self.started is not None:
+            return left * (time.monotonic() - self.started) / self.planned_done
+        return left / self.workers
+
+    def echo(self, plan: StagePlan, item: Item, echo: Callable[[str], None]) -> Callable[[str], None]:
+        if self.started is None:
+            self.started = time.monotonic()
+
+        def line(text: str) -> None:
+            echo(text)
+            if _FINISHED_RUN.match(text) and item.done < item.runs:
+                item.done += 1
+                self.planned_done += item.per_run
+                self.show(plan, item)
+
+        return line
+
+    def show(self, plan: StagePlan, item: Item | None = None) -> None:
+        index = next(i for i, p in enumerate(self.plans, 1) if p is plan)
+        state = (plan.name, plan.done, sum(p.done for p in self.plans))
+        if state == self.last:
+            return
+        self.last = state
+        part = f" {item.label}" if item is not None and item.label != plan.name else ""
+        self.console.print(
+            f"[bold cyan]paper[/] stage {index}/{len(self.plans)} [bold]{plan.name}[/]{part}: "
+            f"{plan.done}/{plan.runs} runs; all stages {sum(p.done for p in self.plans)}/"
+            f"{sum(p.runs for p in self.plans)}; ETA {format_duration(self.eta())}", soft_wrap=True, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores: best trials, study files for the lr studies, parameter files
+# ---------------------------------------------------------------------------------------------
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def best_of_first(storage, name: str, n: int):
+    """The best COMPLETE trial among the study's first `n` finished trials (by number)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    first = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                   key=lambda t: t.number)[:n]
+    complete = [t for t in first if t.state == TrialState.COMPLETE]
+    if len(first) < n:
+        raise HarnessError(f"study {name!r} has {len(first)} of {n} finished trials: run the tune stage first")
+    if not complete:
+        raise HarnessError(f"study {name!r}: none of its first {n} trials completed (all pruned); raise --trials")
+    return max(complete, key=lambda t: t.value)
+
+
+def tuned_params(job: PaperJob, budget: Budget, storage, model: str) -> tuple[dict[str, Any], Any]:
+    """A model's parameters for the experiments: its study file's [fixed] values and its best
+    trial's (the trials ran with both)."""
+    best = best_of_first(storage, job.study(model), budget.trials)
+    return {**_study_file(model).fixed, **best.params}, best
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise HarnessError(f"cannot write {value!r} into a study file")
+
+
+def lr_study_file(job: PaperJob, budget: Budget, variant: str, full: dict[str, Any],
+                  write: bool = True) -> tuple[Path, str]:
+    """The study file of one variant's lr study: IGR-SR's best parameters fixed (less the
+    variant's pinned ones), lr searched over IGR-SR's lr range, the tuned lr enqueued first.
+    Its study name carries a hash of those parameters: a changed best makes a new study."""
+    import models
+
+    base = _study_file(PROPOSED)
+    pinned = models.get(variant).fixed
+    lr_param = next((p for p in base.space if p.name == "lr"), None)
+    low, high = (lr_param.low, lr_param.high) if lr_param is not None and lr_param.type == "float" else LR_RANGE
+    fixed = {k: v for k, v in full.items() if k != "lr" and k not in pinned}
+    lr = full.get("lr", job.base.train.lr)
+    digest = hashlib.sha256(json.dumps({"fixed": fixed, "lr": [low, high]}, sort_keys=True).encode()).hexdigest()[:8]
+    sampler = base.sampler[0] if not base.sampler[1] else {"name": base.sampler[0], **base.sampler[1]}
+    pruner = base.pruner[0] if not base.pruner[1] else {"name": base.pruner[0], **base.pruner[1]}
+    lines = [f"# Written by `harness paper` (the ablation's lr study of {variant}): {VARIANT_POLICY}.",
+             f"model = {_toml_value(variant)}",
+             f"description = {_toml_value(f'{variant}: lr only, at the best parameters of {job.study(PROPOSED)}')}",
+             f"trials = {budget.lr_trials}", f"sampler = {_toml_value(sampler)}", f"pruner = {_toml_value(pruner)}",
+             "", "[fixed]", *(f"{k} = {_toml_value(v)}" for k, v in fixed.items()),
+             "", "[space]", f'lr = {{ type = "float", low = {low!r}, high = {high!r}, log = true }}']
+    if low <= lr <= high:
+        lines += ["", "[[enqueue]]", f"lr = {lr!r}"]
+    path = job.out_dir / "studies" / f"{variant.replace('/', '_')}-lr.toml"
+    if write:
+        _write_text(path, "\n".join(lines) + "\n")
+    return path, f"{job.study(variant)}-lr-{digest}"
+
+
+def lr_study_names(job: PaperJob, budget: Budget, storage, stored: set[str]) -> dict[str, str]:
+    """variant -> its lr study's name, once IGR-SR's tuning study holds its budget."""
+    if job.study(PROPOSED) not in stored:
+        return {}
+    try:
+        full, _ = tuned_params(job, budget, storage, PROPOSED)
+    except HarnessError:
+        return {}
+    return {v: lr_study_file(job, budget, v, full, write=False)[1] for v in variants()}
+
+
+def write_params(job: PaperJob, name: str, params: dict[str, Any]) -> Path:
+    """A flat parameter file (`--params FILE` of the experiment commands) for one model."""
+    path = job.out_dir / "params" / f"{name.replace('/', '_')}.json"
+    _write_text(path, json.dumps(params, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write only a change, and atomically: the stages' worker processes write the same files."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines (the manifest's command-equivalents, and tune's worker processes)
+# ---------------------------------------------------------------------------------------------
+
+def _group_argv(job: PaperJob) -> list[str]:
+    return ["--data-dir", str(job.base.data_dir), "--cache-dir", str(job.base.cache_dir),
+            "--results-dir", str(job.results_dir)]
+
+
+def _trainer_argv(job: PaperJob, final: bool) -> list[str]:
+    train = job.base.train
+    argv = ["--device", train.device, "--precision", train.precision, "--seed", str(train.seed),
+            "--lid-epochs", str(job.base.lid_epochs)]
+    if "patience" in job.given:
+        argv += ["--patience", str(train.patience)]
+    if final and "final_epochs" in job.given:
+        argv += ["--epochs", str(job.final_epochs)]
+    return argv
+
+
+def _storage_argv(job: PaperJob) -> list[str]:
+    return ["--storage", job.storage] if job.storage else []
+
+
+def tune_argv(job: PaperJob, budget: Budget, study_name: str, model: str | None, study_path: Path | None,
+              trials: int) -> list[str]:
+    """`harness tune` for one study of the pipeline (without the program name)."""
+    which = ["--model", model] if model else ["--study", str(study_path)]
+    return [*_group_argv(job), "tune", "--dataset", job.dataset, *which, "--study-name", study_name,
+            "--trials", str(trials), "--epochs", str(budget.epochs), "--pruner", budget.pruner,
+            "--min-epochs", str(budget.first_rung), *_storage_argv(job), *_trainer_argv(job, final=False)]
+
+
+def _command(argv: list[str]) -> str:
+    from harness.store import safe_url
+
+    return shlex.join(["harness", *(safe_url(a) if "://" in a else a for a in argv)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest:
+    """results/paper/NAME/manifest.json: what ran, how and how long; rewritten after each stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            self.data = {}
+        self.data.setdefault("stages", {})
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, {"wall_seconds": 0.0, "sessions": []})
+
+    def save(self) -> None:
+        ordered = {**{k: v for k, v in self.data.items() if k != "stages"}, "stages": self.data["stages"]}
+        _write_text(self.path, json.dumps(ordered, indent=2, default=str) + "\n")
+
+
+def _environment(job: PaperJob, data, threads: int) -> dict:
+    from harness.runs import environment
+
+    env = environment()
+    env["threads_per_worker"] = threads
+    return {"commit": env.pop("git_commit"), "dataset": job.dataset, "data_hash": data.content_hash,
+            "data": {"users": data.n_users, "items": int(data.n_items), "interactions": data.n_interactions},
+            "environment": env, "precision": job.base.train.precision, "device": job.base.train.device}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    job: PaperJob
+    names: list[str]
+    budget: Budget
+    plans: list[StagePlan]
+    progress: Progress
+    manifest: Manifest | None
+    echo: Callable[[str], None]
+    worker_argv: Callable[[str, int, dict], list[str]] | None
+    commands: list[str] = field(default_factory=list)  # the running stage's command-equivalents
+    outputs: list[str] = field(default_factory=list)
+
+    def plan(self, name: str) -> StagePlan:
+        return next(p for p in self.plans if p.name == name)
+
+    def storage(self):
+        from harness.store import open_storage
+
+        return open_storage(self.job.storage)
+
+
+def _tune_one(ctx: Context, plan: StagePlan, item: Item, study_file, model: str | None, path: Path | None,
+              trials: int) -> None:
+    from harness.studies import TuneJob
+    from harness.tune import tune as run_tune
+
+    job, budget = ctx.job, ctx.budget
+    argv = tune_argv(job, budget, item.study, model, path, trials)
+    ctx.commands.append(_command(argv))
+    tj = TuneJob(study_file=study_file, dataset=job.dataset,
+                 base=dataclasses.replace(job.tune_base(budget), model=study_file.model),
+                 results_dir=job.results_dir, storage_url=job.storage, study_name=item.study, trials=trials,
+                 workers=job.workers, pruner=budget.pruner, min_epochs=budget.first_rung,
+                 given_flags=job.tune_given)
+
+    def worker(name: str, index: int) -> list[str]:
+        return [sys.executable, "-m", "harness", *argv, "--worker", str(index)]
+
+    try:
+        summary = run_tune(tj, worker, None, echo=ctx.progress.echo(plan, item, ctx.echo))
+    except HarnessError as e:
+        if "different definition" not in str(e):
+            raise
+        # a study file (search space, fixed values) changed since the study was made
+        raise HarnessError(f"{str(e).split('; rerun with --new-study')[0]}; for harness paper: give another --prefix "
+                           "to start fresh studies beside the old ones") from None
+    if summary.finished < trials:
+        raise HarnessError(f"tune {study_file.model}: study {item.study!r} has {summary.finished} of {trials} "
+                           f"finished trials ({'; '.join(summary.problems) or 'stopped early'}); rerun to continue")
+    item.done = min(summary.finished, item.runs)
+    best = summary.best
+    ctx.echo(f"{study_file.model}: {summary.finished} trials finished ({summary.counts.get('complete', 0)} complete, "
+             f"{summary.counts.get('pruned', 0)} pruned)" + (f"; best trial {best['number']}, valid ndcg@10 "
+                                                            f"{best['value']:.4f}" if best else ""))
+
+
+def stage_tune(ctx: Context) -> None:
+    from harness.studies import pick_study_file
+
+    plan = ctx.plan("tune")
+    for item, model in zip(plan.items, ctx.names):
+        _tune_one(ctx, plan, item, pick_study_file(None, model, {}), model, None, ctx.budget.trials)
+
+
+def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list, notes: list[str],
+              models_: list[str], command: list[str]) -> None:
+    """Run one experiment grid as its command would (check, claim and run the missing cells;
+    with --workers, that many processes fill it), and insist that it is whole."""
+    from types import SimpleNamespace
+
+    from harness.experiments import check_runnable, completed_cells, run_experiment
+    from harness.runs import train_identity
+    from harness.tune import run_worker_processes
+
+    job = ctx.job
+    base = job.final_base()
+    ctx.commands.append(_command(command))
+    check_runnable(cells, base, job.results_dir, "paper", models_)
+    echo = ctx.progress.echo(plan, item, ctx.echo)
+    if job.workers > 1 and job.worker is None and ctx.worker_argv is not None:
+        overrides = {"trials": ctx.budget.trials, "epochs": ctx.budget.epochs, "lr_trials": ctx.budget.lr_trials,
+                     "min_epochs": ctx.budget.first_rung, "no_bench": True}
+        problems = run_worker_processes(SimpleNamespace(workers=job.workers, base=job.base),
+                                        lambda i: ctx.worker_argv(plan.name, i, overrides), echo)
+        for problem in problems:
+            echo(f"warning: {problem}; the cells it left are run here")
+    study = run_experiment(kind, item.study, cells, base, job.storage, job.results_dir, notes, echo)
+    train = train_identity(base.train, drop=("seed",))
+    keys = {c.key(train) for c in cells}
+    done = len(completed_cells(study))
+    item.done = min(done, item.runs)
+    if done < len(keys):
+        from optuna.trial import TrialState
+
+        reasons = [t.user_attrs.get("fail_reason", "?") for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if t.user_attrs.get("cell") in keys]
+        raise HarnessError(f"{plan.name}: {len(keys) - done} of {len(keys)} cells of study {item.study!r} failed"
+                           + (f" (last: {reasons[-1]})" if reasons else "") + "; rerun to run them again")
+
+
+def _cells(ctx: Context, kind: str, params: dict[str, Path], storage, **options) -> tuple[list, list[str]]:
+    """The grid of `kind` as its command builds it (experiments.grid), each model with its own
+    parameter file."""
+    from harness import kinds
+    from harness.experiments import grid
+    from harness.runs import train_identity
+
+    job = ctx.job
+    base = job.final_base()
+    axes = kinds.get(kind).axes(**options)
+    cells: list = []
+    for model in axes.models:
+        more, _ = grid([model], [job.dataset], job.seeds, str(params[model]), storage, noise=axes.noise,
+                       extra=axes.extra, first_seed=base.train.seed, noise_on=axes.noise_on,
+                       train=train_identity(base.train, drop=("seed",)), given=job.final_given)
+        cells += more
+    return cells, axes.models
+
+
+def _experiment_argv(ctx: Context, kind: str, params: Path, *options: str) -> list[str]:
+    job = ctx.job
+    return [*_group_argv(job), kind, "--dataset", job.dataset, *options, "--seeds", str(job.seeds),
+            "--params", str(params), *_storage_argv(job), *_trainer_argv(job, final=True)]
+
+
+def _tuned_files(ctx: Context, storage, names: list[str]) -> tuple[dict[str, Path], Path]:
+    """Each model's tuned parameters as a flat file, and all of them as one sectioned file."""
+    job, budget = ctx.job, ctx.budget
+    params, files = {}, {}
+    for model in names:
+        params[model], _ = tuned_params(job, budget, storage, model)
+        files[model] = write_params(job, model, params[model])
+    path = job.out_dir / "params" / "tuned.json"
+    _write_text(path, json.dumps(params, indent=1, sort_keys=True) + "\n")
+    return files, path
+
+
+def _tuned_origin(ctx: Context) -> str:
+    b = ctx.budget
+    return (f"each model's best trial (by validation NDCG@10) among the first {_n(b.trials, 'finished trial')} of "
+            f"its own tuning study, every study under one budget: at most {b.epochs} epochs per trial, {b.pruner} "
+            f"pruning from epoch {b.first_rung}")
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'s' * (count != 1)}"
+
+
+def stage_compare(ctx: Context) -> None:
+    storage = ctx.storage()
+    files, combined = _tuned_files(ctx, storage, ctx.names)
+    cells, models_ = _cells(ctx, "compare", files, storage, models_=",".join(ctx.names))
+    notes = [f"{m} on {ctx.job.dataset}: {_tuned_origin(ctx)}" for m in models_]
+    plan = ctx.plan("compare")
+    _run_grid(ctx, plan, plan.items[0], "compare", cells, notes, models_,
+              _experiment_argv(ctx, "compare", combined, "--models", ",".join(ctx.names)))
+
+
+def stage_ablate(ctx: Context) -> None:
+    from harness.studies import load_study_file
+
+    job, budget = ctx.job, ctx.budget
+    storage = ctx.storage()
+    full, _ = tuned_params(job, budget, storage, PROPOSED)
+    plan = ctx.plan("ablate")
+    files: dict[str, Path] = {}
+    chosen: dict[str, dict] = {}
+    for item, variant in zip(plan.items, variants()):
+        path, item.study = lr_study_file(job, budget, variant, full)
+        _tune_one(ctx, plan, item, load_study_file(path), None, path, budget.lr_trials)
+        best = best_of_first(storage, item.study, budget.lr_trials)
+        chosen[variant] = {**{k: v for k, v in full.items() if k != "lr"}, **best.params}
+        files[variant] = write_params(job, f"ablate-{variant}", chosen[variant])
+        ctx.echo(f"{variant}: lr {best.params['lr']:.3g} (valid ndcg@10 {best.value:.4f}, trial {best.number} of "
+                 f"{item.study})")
+    cells, models_ = _cells(ctx, "ablate", files, storage, variants=",".join(variants()))
+    b = budget
+    origin = (f"IGR-SR's best tuning trial (the best by validation NDCG@10 among the first {_n(b.trials, 'finished trial')}"
+              f" of its study: at most {b.epochs} epochs per trial, {b.pruner} pruning from epoch {b.first_rung}) but "
+              f"its learning rate, which is tuned per variant, the full model alike, in an lr-only study of "
+              f"{_n(b.lr_trials, 'trial')} under the same budget (the full model's tuned lr enqueued first), since "
+              "one lr tuned for the full model stalls the variants without ICR")
+    notes = [f"{v} on {job.dataset}: {origin}" for v in models_]
+    command = [*_group_argv(job), "ablate", "--dataset", job.dataset, "--variants", ",".join(variants()),
+               "--seeds", str(job.seeds), "--params", str(job.out_dir / "params" / "ablate-VARIANT.json"),
+               *_storage_argv(job), *_trainer_argv(job, final=True)]
+    ctx.outputs.append(f"ablate: `harness ablate` reads one parameter set for all variants; the pipeline builds "
+                       f"the same grid with each variant's own file ({job.out_dir / 'params'}/ablate-*.json)")
+    _run_grid(ctx, plan, plan.items[-1], "ablate", cells, notes, models_, command)
+
+
+def stage_sensitivity(ctx: Context) -> None:
+    storage = ctx.storage()
+    files, _ = _tuned_files(ctx, storage, [PROPOSED])
+    ks, ms = _ints("--k", ctx.job.ks), _ints("--m", ctx.job.ms)
+    cells, models_ = _cells(ctx, "sensitivity", files, storage, ks=ks, ms=ms)
+    notes = [f"{PROPOSED} on {ctx.job.dataset}: {_tuned_origin(ctx)}; k and m as the grid says"]
+    plan = ctx.plan("sensitivity")
+    _run_grid(ctx, plan, plan.items[0], "sensitivity", cells, notes, models_,
+              _experiment_argv(ctx, "sensitivity", files[PROPOSED], "--k", ",".join(map(str, ks)),
+                               "--m", ",".join(map(str, ms))))
+
+
+def stage_robustness(ctx: Context) -> None:
+    job = ctx.job
+    storage = ctx.storage()
+    rob = _split(job.robustness_models)
+    files, combined = _tuned_files(ctx, storage, rob)
+    cells, models_ = _cells(ctx, "robustness", files, storage, noise=job.noise, noise_on=job.noise_on,
+                            models_=",".join(rob))
+    notes = [f"{m} on {job.dataset}: {_tuned_origin(ctx)}" for m in models_]
+    plan = ctx.plan("robustness")
+    _run_grid(ctx, plan, plan.items[0], "robustness", cells, notes, models_,
+              _experiment_argv(ctx, "robustness", combined, "--models", ",".join(rob), "--noise", f"{job.noise:g}",
+                               "--noise-on", job.noise_on))
+
+
+def stage_report(ctx: Context) -> list:
+    """Every experiment table and figure of the pipeline, the tuning studies' top-trial tables
+    and a tuning overview, under the output folder."""
+    import optuna
+
+    from harness.experiments import report_experiments
+
+    job = ctx.job
+    out = job.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    storage = ctx.storage()
+    stored = set(optuna.study.get_all_study_names(storage))
+    ctx.commands.append(_command([*_group_argv(job), "report", "--out", str(out), *_storage_argv(job)])
+                        + f"  (the pipeline renders only its own studies: {job.prefix}-*-{job.data_name})")
+    made = []
+    for kind in ("compare", "ablate", "sensitivity", "robustness"):
+        if job.study(kind) in stored:
+            made += report_experiments(job.storage, job.results_dir, out, only=job.study(kind))
+    tuning = tuning_overview(ctx, storage, stored)
+    for _, tex, _ in made:
+        ctx.outputs.append(str(tex))
+    ctx.outputs += tuning
+    return made
+
+
+def tuning_overview(ctx: Context, storage, stored: set[str]) -> list[str]:
+    """tuning.csv / tuning.tex: per model its study, trials, best trial and metrics; the
+    variants' lr studies below; and each tuning study's own summary files copied beside."""
+    import optuna
+    import pandas as pd
+    from optuna.trial import TrialState
+
+    from harness.report import label
+    from harness.tables import latex_escape, latex_table
+
+    job, budget = ctx.job, ctx.budget
+    rows = []
+    lr_names = lr_study_names(job, budget, storage, stored)
+    studies = [(label(m), job.study(m), budget.trials) for m in ctx.names] + \
+              [(f"{label(v)}: lr", lr_names[v], budget.lr_trials) for v in variants() if v in lr_names]
+    for shown, name, n in studies:
+        if name not in stored:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        first = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                       key=lambda t: t.number)[:n]
+        try:
+            best = best_of_first(storage, name, n)
+        except HarnessError:
+            best = None
+        rows.append({"model": shown, "study": name, "trials": len(first),
+                     "complete": sum(t.state == TrialState.COMPLETE for t in first),
+                     "pruned": sum(t.state == TrialState.PRUNED for t in first),
+                     "epochs": sum(t.user_attrs.get("epochs", 0) for t in first),
+                     "best_trial": None if best is None else best.number,
+                     "valid_ndcg@10": None if best is None else best.value,
+                     "test_ndcg@10": None if best is None else best.user_attrs.get("test", {}).get("ndcg@10"),
+                     "test_recall@10": None if best is None else best.user_attrs.get("test", {}).get("recall@10"),
+                     "params": json.dumps(best.params if best else {}, sort_keys=True)})
+        src = job.results_dir / "tune" / name.replace("/", "_")
+        if src.is_dir():
+            shutil.copytree(src, job.out_dir / "tune" / name.replace("/", "_"), dirs_exist_ok=True)
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows)
+    csv, tex = job.out_dir / "tuning.csv", job.out_dir / "tuning.tex"
+    frame.to_csv(csv, index=False)
+    fmt = lambda v: "--" if v is None or pd.isna(v) else f"{v:.4f}"  # noqa: E731
+    cells = pd.DataFrame({"Study": frame["study"].map(latex_escape), "Trials (complete / pruned)": [
+        f"{r.trials} ({r.complete} / {r.pruned})" for r in frame.itertuples()], "Epochs trained": frame["epochs"],
+        "Best trial": frame["best_trial"].map(lambda v: "--" if pd.isna(v) else str(int(v))),
+        "Valid NDCG@10": frame["valid_ndcg@10"].map(fmt), "Test NDCG@10": frame["test_ndcg@10"].map(fmt)})
+    cells.index = pd.Index(frame["model"], name="Model")
+    caption = (f"Tuning on {latex_escape(job.data_name)} under one budget: every model's study (its own search "
+               f"space and sampler, its authors' settings enqueued first) ran {_n(budget.trials, 'trial')} of at "
+               f"most {budget.epochs} epochs, {budget.pruner} pruning from epoch {budget.first_rung}, selected and "
+               f"pruned on validation NDCG@10; each row is its best trial among the first {budget.trials} finished, "
+               f"whose parameters the experiments use. Rows ': lr' (lr-only studies, "
+               f"{_n(budget.lr_trials, 'trial')} each): "
+               f"{latex_escape(VARIANT_POLICY)}. Training in {job.base.train.precision} (scores ranked in fp32).")
+    tex.write_text(latex_table(cells, caption, "tab:tuning"))
+    return [str(csv), str(tex)]
+
+
+RUNNERS = {"tune": stage_tune, "compare": stage_compare, "ablate": stage_ablate, "sensitivity": stage_sensitivity,
+           "robustness": stage_robustness, "report": stage_report}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def run_paper(job: PaperJob, worker_argv: Callable[[str, int, dict], list[str]] | None = None,
+              echo: Callable[[str], None] = print, console=None) -> list:
+    """`harness paper`: check, measure (cached), fit --hours, print the plan; unless --dry-run,
+    run the stages in order, each resuming from the stores, then the manifest. Returns the
+    report's (study, tex, rich table) entries."""
+    from rich.console import Console
+
+    import optuna
+
+    from harness.data import registry as datasets
+    from harness.tune import threads_per_worker
+
+    console = console or Console(highlight=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = check(job)
+    data = datasets.load(job.dataset, job.base.data_dir, job.base.cache_dir)  # a missing dataset: one line, now
+    threads = threads_per_worker(job.workers)
+    if job.worker is not None:  # a worker process of one experiment stage: no plan, no manifest
+        first = job.min_epochs or default_first_rung(names, job.epochs)
+        budget = Budget(job.trials, job.lr_trials, job.epochs, first, job.pruner)
+        plans = build_plan(job, names, budget, {m: Cost(1, 0, "") for m in [*names, *variants()]})
+        ctx = Context(job, names, budget, plans, Progress(plans, 1, console), None, echo, None)
+        for stage in job.stages:
+            if stage in ("tune", "report"):
+                raise HarnessError(f"--worker: the {stage} stage has workers of its own")
+            RUNNERS[stage](ctx)
+        return []
+
+    first = job.min_epochs or default_first_rung(names, job.epochs)
+    cost_models = list(dict.fromkeys([*names, *([PROPOSED] if PROPOSED in names else []), *(
+        ["sasrec"] if PROPOSED in names and "sasrec" not in names else [])]))
+    costs = measure_costs(job, cost_models, data, threads, echo)
+    for v in variants():
+        costs.setdefault(v, costs.get(PROPOSED) or next(iter(costs.values())))
+    budget = fit_budget(job, names, costs, first)
+    plans = build_plan(job, names, budget, costs)
+    fill_done(job, plans, budget)
+    console.print(format_plan(job, plans, budget, costs, threads), soft_wrap=True)
+    if job.dry_run:
+        return []
+
+    manifest = Manifest(job.out_dir / "manifest.json")
+    manifest.data.update(_environment(job, data, threads))
+    manifest.data.update({
+        "command": _command([*_group_argv(job), "paper", *job.argv]),
+        "storage": job.storage or "studies/optuna.journal", "results_dir": str(job.results_dir),
+        "out": str(job.out_dir), "models": names, "workers": job.workers,
+        "budget": {"trials_per_model": budget.trials, "epoch_cap": budget.epochs, "pruner": budget.pruner,
+                   "first_rung": budget.first_rung, "lr_trials_per_variant": budget.lr_trials, "seeds": job.seeds,
+                   "final_epoch_cap": job.final_epochs, "patience": {m: _patience(job, m) for m in names},
+                   "requested": budget.requested, "hours": job.hours, "cut": budget.cut,
+                   "overrides": "every study's trials, epoch cap, pruner and first rung are these, whatever its "
+                                "study file says; each keeps its own search space, sampler, enqueued trials "
+                                "and [trainer] patience",
+                   "selection": "each model's best COMPLETE trial among the first N finished (by trial number)"},
+        "study_files": {m: {"path": str(_study_file(m).path), "trials": _study_file(m).trials,
+                            "pruner": [_study_file(m).pruner[0], _study_file(m).pruner[1]],
+                            "enqueued": len(_study_file(m).enqueue)} for m in names},
+        "variant_parameters": VARIANT_POLICY,
+        "noise_reading": _noise_reading(job.noise_on),
+        "sensitivity_grid": {"k": _ints("--k", job.ks), "m": _ints("--m", job.ms)},
+        "costs": {m: dataclasses.asdict(c) for m, c in costs.items()},
+        "eta_seconds_at_start": round(total_seconds(plans, job.workers)),
+    })
+    manifest.save()
+    progress = Progress(plans, job.workers, console)
+    ctx = Context(job, names, budget, plans, progress, manifest, echo, worker_argv)
+    made: list = []
+    for plan in plans:
+        ctx.commands, ctx.outputs = [], []
+        entry = manifest.stage(plan.name)
+        before, started, t0 = plan.done, _now(), time.monotonic()
+        progress.show(plan)
+        status = "done"
+        try:
+            result = RUNNERS[plan.name](ctx)
+            if plan.name == "report":
+                made = result
+        except BaseException:
+            status = "incomplete"
+            raise
+        finally:
+            seconds = time.monotonic() - t0
+            new = plan.done - before
+            entry.update({"commands": ctx.commands, "runs": plan.runs, "runs_done": plan.done, "status": status,
+                          "last_checked": _now()})
+            if ctx.outputs:
+                entry["outputs"] = ctx.outputs
+            if new > 0 or plan.name == "report" or not entry["sessions"]:
+                entry["sessions"].append({"started": started, "ended": _now(), "seconds": round(seconds, 1),
+                                          "new_runs": new})
+                entry["wall_seconds"] = round(entry["wall_seconds"] + seconds, 1)
+            manifest.save()
+        progress.show(plan)
+    return made
+
+
+def _noise_reading(noise_on: str) -> str:
+    from harness.kinds.robustness import NOISE_CAPTIONS
+
+    return NOISE_CAPTIONS[noise_on]
