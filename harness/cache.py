@@ -1,8 +1,10 @@
-"""Content-addressed cache of pre-trained LID encoders (frozen SASRecs of width d_l).
+"""Content-addressed cache of pre-trained models a run starts from: IGR-SR's LID encoders
+(frozen SASRecs of width d_l) and LARES's stage-1 models (`lares-ssl`, which `lares`
+post-trains).
 
-Key: the dataset's content hash, the encoder config, the pre-training recipe and the seed, so
-every trial and worker with the same key shares one encoder. A file lock keeps two processes
-from pre-training the same encoder at once: the second waits, then loads the first's file.
+Key: the dataset's content hash, the model's config, the pre-training recipe and the seed, so
+every trial and worker with the same key shares one model. A file lock keeps two processes
+from pre-training the same model at once: the second waits, then loads the first's file.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from harness.locks import FileLock
+from models.lares import LARES, LARESConfig
 from models.sasrec import SASRec, SASRecConfig
 
 
@@ -26,7 +30,7 @@ def lid_encoder_config(d_l: int, igr_cfg) -> SASRecConfig:
                         max_len=igr_cfg.max_len)
 
 
-def cache_key(data_hash: str, enc_cfg: SASRecConfig, recipe: dict) -> str:
+def cache_key(data_hash: str, enc_cfg, recipe: dict) -> str:
     blob = json.dumps({"data": data_hash, "encoder": dataclasses.asdict(enc_cfg), "recipe": recipe},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -39,20 +43,34 @@ def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_ite
     Returns (encoder, info, was_cached)."""
     key = cache_key(data_hash, enc_cfg, recipe)
     path = cache_dir / "lid" / f"sasrec-d{enc_cfg.hidden}-{key}.pt"
+    return _load_or_pretrain(path, key, recipe, lambda: SASRec(enc_cfg, n_items), pretrain, "LID encoder")
+
+
+def pretrained_lares_stage1(cache_dir: Path, data_hash: str, cfg: LARESConfig, recipe: dict,
+                            build: Callable[[], LARES], pretrain: Callable[[LARES], dict]) -> tuple[LARES, dict, bool]:
+    """The same for LARES's stage-1 model: `build()` makes it untrained (seeded by the caller),
+    `pretrain(model) -> info` trains it. Returns (model, info, was_cached)."""
+    key = cache_key(data_hash, cfg, recipe)
+    path = cache_dir / "lares-stage1" / f"lares-{key}.pt"
+    return _load_or_pretrain(path, key, recipe, build, pretrain, "LARES stage-1 model")
+
+
+def _load_or_pretrain(path: Path, key: str, recipe: dict, build: Callable[[], nn.Module],
+                      pretrain: Callable[[nn.Module], dict], what: str):
     with FileLock(path.with_suffix(".lock")):
-        encoder = SASRec(enc_cfg, n_items)
+        model = build()
         if path.is_file():
             try:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-                encoder.load_state_dict(blob["state"])
-                return encoder, json.loads(blob["info"]), True
+                model.load_state_dict(blob["state"])
+                return model, json.loads(blob["info"]), True
             except Exception as e:  # truncated or corrupt (a crash mid-copy, a full disk): pre-train again
-                print(f"warning: cached LID encoder {path} is unreadable ({type(e).__name__}); "
+                print(f"warning: cached {what} {path} is unreadable ({type(e).__name__}); "
                       "pre-training it again", file=sys.stderr)
-                encoder = SASRec(enc_cfg, n_items)
-        info = pretrain(encoder)
+                model = build()
+        info = pretrain(model)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save({"state": {k: v.cpu() for k, v in encoder.state_dict().items()},
+        torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()},
                     "info": json.dumps({**info, "key": key, "recipe": recipe})}, tmp)
         tmp.replace(path)
-        return encoder, {**info, "key": key}, False
+        return model, {**info, "key": key}, False

@@ -1,5 +1,5 @@
-"""One training run end to end: dataset -> model (with its pre-trained LID if it needs one) ->
-shared trainer -> run record (JSON + per-user ranks) under results/runs/.
+"""One training run end to end: dataset -> model (with what it requires pre-trained first: IGR-SR's
+LID, LARES's stage 1) -> shared trainer -> run record (JSON + per-user ranks) under results/runs/.
 
 Used by `harness train` and by every command that trains (tune, ablate, ...).
 """
@@ -44,7 +44,9 @@ class RunSpec:
     params: dict[str, Any] = field(default_factory=dict)  # model config overrides (raw or typed)
     data_dir: Path = Path("data")
     cache_dir: Path = Path.home() / ".cache" / "harness"
-    lid_epochs: int = 200  # pre-training recipe of the LID encoder (its own early stopping)
+    # pre-training recipe of what a model requires (the LID encoder, LARES's stage 1): its own
+    # epoch cap and early stopping
+    lid_epochs: int = 200
     lid_patience: int = 10
     noise: float = 0.0  # fraction of training items replaced at random (robustness experiment)
     noise_seed: int = 0
@@ -81,6 +83,7 @@ class RunRecord:
     valid_ranks: np.ndarray | None = None
     test_ranks: np.ndarray | None = None
     state: dict | None = None  # the best checkpoint's weights (saved beside the record)
+    stage1: dict | None = None  # LARES: its pre-trained stage 1's info (metrics, curves, cache key)
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -102,7 +105,8 @@ def load_data(spec: RunSpec) -> LeaveOneOut:
 
 
 def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
-    """The model with everything it requires (a pre-trained LID), and that requirement's info."""
+    """The model with everything it requires (a pre-trained LID or LARES stage 1), and that
+    requirement's info."""
     import models
 
     try:
@@ -118,15 +122,17 @@ def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
         model_cfg = model_spec.make_config(**typed)
     except ValueError as e:
         raise HarnessError(f"--param: {e}") from None
-    deps, lid_info = {}, None
+    deps, info = {}, None
     if "lid" in model_spec.needs(model_cfg):
-        deps["lid"], lid_info = pretrained_lid_for(spec, data, model_cfg, progress)
+        deps["lid"], info = pretrained_lid_for(spec, data, model_cfg, progress)
+    if "lares-stage1" in model_spec.needs(model_cfg):
+        deps["stage1"], info = pretrained_lares_stage1_for(spec, data, model_cfg, progress)
     seed_everything(spec.train.seed)  # the model's own init does not depend on pre-training
     try:
         model = model_spec.build(model_cfg, data.n_items, **deps)
     except ValueError as e:
         raise HarnessError(f"{spec.model}: {e}") from None
-    return model, model_cfg, lid_info
+    return model, model_cfg, info
 
 
 def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bool):
@@ -159,6 +165,41 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
 
 
+def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bool):
+    """LARES's stage 1: `lares-ssl` at the run's stage-1 config, trained as `harness train
+    --model lares-ssl` would train it with the trainer's defaults (lr, batch size, weight decay:
+    never the stage-2 run's, so tuning stage 2 reuses one stage-1 model), the run's seed,
+    precision, history length and ranking protocol, up to `lid_epochs` with `lid_patience`. On
+    the training data alone, as the LID."""
+    from harness.cache import pretrained_lares_stage1
+    from models.lares import LARES
+
+    cfg1 = model_cfg.stage1()
+    stage1_train = TrainConfig(epochs=spec.lid_epochs, patience=spec.lid_patience, seed=spec.train.seed,
+                               device=spec.train.device, eval_batch_size=spec.train.eval_batch_size,
+                               max_len=spec.train.max_len, mask_history=spec.train.mask_history,
+                               precision=spec.train.precision)
+    stage1_data = data.training_only()
+
+    def build() -> LARES:
+        seed_everything(spec.train.seed)  # the init a `lares-ssl` run of this seed has
+        return LARES(cfg1, data.n_items)
+
+    def pretrain(model) -> dict:
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"pre-training LARES stage 1 (lares-ssl) on {spec.dataset}; "
+                                       "cached for later runs")
+        result = fit(model, stage1_data, stage1_train, progress=progress)
+        return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run, "stopped": result.stopped, "curves": result.curves}
+
+    model, info, cached = pretrained_lares_stage1(spec.cache_dir, stage1_data.data.content_hash, cfg1,
+                                                  train_identity(stage1_train), build, pretrain)
+    return model, {**info, "cached": cached}
+
+
 def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True,
         resume: bool = False) -> RunRecord:
     """Train one model. With `resume`, per-epoch training state is kept in the cache under a
@@ -173,13 +214,17 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
 
         for warning in data.data.warnings:
             Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
-    model, model_cfg, lid_info = build_model(spec, data, progress)
+    import models
+
+    model, model_cfg, pretrained_info = build_model(spec, data, progress)
+    needs = models.get(spec.model).needs(model_cfg)
     checkpoint = resume_path(spec, data, model_cfg) if resume else None
     result: FitResult = fit(model, data, spec.train, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint)
     return RunRecord(
         model=spec.model, dataset=spec.dataset, data_hash=data.content_key, seed=spec.train.seed,
         model_config=dataclasses.asdict(model_cfg), train_config=dataclasses.asdict(spec.train),
-        result=result.summary(), lid=lid_info, environment=env,
+        result=result.summary(), lid=pretrained_info if "lid" in needs else None,
+        stage1=pretrained_info if "lares-stage1" in needs else None, environment=env,
         started=started.isoformat(timespec="seconds"),
         seconds=(dt.datetime.now(dt.timezone.utc) - started).total_seconds(),
         valid_ranks=result.valid_ranks, test_ranks=result.test_ranks,
