@@ -4,6 +4,8 @@ register by name, variants are entries of their own with some config fields fixe
 The harness asks a spec, never the model or its config, what it needs:
 - `requires(config)`: what must be built before the factory can run; "lid" is a pre-trained,
   frozen SASRec of width `config.d_l` (the harness pre-trains and caches it; models do no I/O);
+  "lares-stage1" is LARES's stage-1 model (`lares-ssl` at `config.stage1()`, pre-trained and
+  cached the same way) that its GRPO stage starts from;
 - `label`: the model's name in tables and figures;
 - `study`: whose study file and tuning study give its parameters (a variant takes its base
   model's, so `--params best` gives an ablation variant IGR-SR's tuned values).
@@ -21,6 +23,7 @@ from models.iclrec import ICLRec, ICLRecConfig
 from models.icsrec import ICSRec, ICSRecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
 from models.lares import LARES, LARESConfig
+from models.lares_rl import LARESGRPO, LARESGRPOConfig
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
 from models.sasrec import SASRec, SASRecConfig
 
@@ -82,6 +85,10 @@ def _igr_sr(cfg: IGRSRConfig, n_items: int, lid: nn.Module | None = None) -> nn.
     return IGRSR(cfg, n_items, lid_encoder=lid)
 
 
+def _lares(cfg: LARESGRPOConfig, n_items: int, stage1: nn.Module | None = None) -> nn.Module:
+    return LARESGRPO(cfg, n_items, stage1=stage1)
+
+
 def _lid_unless_off(cfg: IGRSRConfig) -> tuple[str, ...]:
     return ("lid",) if cfg.use_lid else ()
 
@@ -109,7 +116,10 @@ register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL
 register(ModelSpec("iclrec", ICLRecConfig, lambda cfg, n_items: ICLRec(cfg, n_items), label="ICLRec",
                    description="ICLRec: SASRec + augmented-view InfoNCE + k-means intent contrast"))
 register(ModelSpec("lares-ssl", LARESConfig, lambda cfg, n_items: LARES(cfg, n_items), label="LARES (stage 1)",
-                   description="LARES stage 1 only (pre-block + k shared core iterations, trajectory and step "
-                               "alignment); no GRPO post-training"))
+                   description="LARES stage 1 (pre-LN pre-block + randomly deep shared core block; CE, same-target "
+                               "trajectory and step alignment)"))
+register(ModelSpec("lares", LARESGRPOConfig, _lares, requires=lambda cfg: ("lares-stage1",), label="LARES",
+                   description="LARES: the cached lares-ssl checkpoint post-trained by GRPO (ranking rewards, "
+                               "KL to a frozen reference)"))
 register(ModelSpec("icsrec", ICSRecConfig, lambda cfg, n_items: ICSRec(cfg, n_items), label="ICSRec",
                    description="ICSRec: SASRec on subsequences + same-target and k-means intent contrastive terms"))
