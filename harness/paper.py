@@ -792,14 +792,17 @@ def _tune_one(ctx: Context, plan: StagePlan, item: Item, study_file, model: str 
     def worker(name: str, index: int) -> list[str]:
         return [sys.executable, "-m", "harness", *argv, "--worker", str(index)]
 
-    try:
-        summary = run_tune(tj, worker, None, echo=ctx.progress.echo(plan, item, ctx.echo))
-    except HarnessError as e:
-        if "different definition" not in str(e):
-            raise
-        # a study file (search space, fixed values) changed since the study was made
-        raise HarnessError(f"{str(e).split('; rerun with --new-study')[0]}; for harness paper: give another --prefix "
-                           "to start fresh studies beside the old ones") from None
+    while True:
+        try:
+            summary = run_tune(tj, worker, None, echo=ctx.progress.echo(plan, item, ctx.echo))
+        except HarnessError as e:
+            if "different definition" not in str(e):
+                raise
+            # a study file (search space, fixed values) changed since the study was made
+            raise HarnessError(f"{str(e).split('; rerun with --new-study')[0]}; for harness paper: give another "
+                               "--prefix to start fresh studies beside the old ones") from None
+        if not settle(ctx, item.study, trials):
+            break  # else a dead worker's trial waits for its retry: tune again, which runs it
     if summary.finished < trials:
         raise HarnessError(f"tune {study_file.model}: study {item.study!r} has {summary.finished} of {trials} "
                            f"finished trials ({'; '.join(summary.problems) or 'stopped early'}); rerun to continue")
@@ -808,6 +811,43 @@ def _tune_one(ctx: Context, plan: StagePlan, item: Item, study_file, model: str 
     ctx.echo(f"{study_file.model}: {summary.finished} trials finished ({summary.counts.get('complete', 0)} complete, "
              f"{summary.counts.get('pruned', 0)} pruned)" + (f"; best trial {best['number']}, valid ndcg@10 "
                                                             f"{best['value']:.4f}" if best else ""))
+
+
+WAIT = 10.0  # seconds between looks at trials another machine runs
+
+
+def settle(ctx: Context, name: str, trials: int) -> bool:
+    """Wait until no trial numbered below the study's `trials`-th finished one still runs (on
+    another machine: this one's tune waits for its own workers), since such a trial, once
+    finished, would be one of the first `trials` and might change the best. True when a dead
+    worker's trial was enqueued again instead, which tune must run."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.store import pending_retries, recover
+
+    study = optuna.load_study(study_name=name, storage=ctx.storage())
+    said = False
+    while True:
+        recover(study)
+        if pending_retries(study):
+            return True
+        done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                      key=lambda t: t.number)
+        if len(done) < trials:
+            return False
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number < done[trials - 1].number]
+        if not running:
+            return False
+        if not said:
+            ctx.echo(f"{name}: waiting for {_n(len(running), 'earlier trial')} still running elsewhere "
+                     f"({', '.join(str(t.number) for t in running)}): they count among the first {trials}")
+            said = True
+        _sleep(WAIT)
+
+
+_sleep = time.sleep  # tests replace it
 
 
 def stage_tune(ctx: Context) -> None:

@@ -267,3 +267,28 @@ def test_workers_run_the_stage_command_lines(tmp_path, small, monkeypatch):
     assert grid_argv[grid_argv.index("--stages") + 1] == "compare"
     assert "0 of 1 cells already done" not in r.output  # the worker ran the cell, not the parent
     assert trials_in(tmp_path / "s.journal") == {"paper-sasrec-small": 1, "paper-compare-small": 1}
+
+
+def test_best_waits_for_earlier_trials_running_elsewhere(tmp_path, small, monkeypatch):
+    """A trial that another machine still runs, numbered below the last of the first N finished,
+    will be one of those N: the pipeline waits for it before it reads the best trial."""
+    import harness.paper
+    from harness.store import open_storage
+
+    storage = open_storage(str(tmp_path / "s.journal"))
+    study = optuna.create_study(study_name="paper-sasrec-small", storage=storage, direction="maximize")
+    elsewhere = study.ask()  # trial 0, RUNNING on another host
+    elsewhere.set_user_attr("worker", {"host": "another-machine", "pid": 1, "start": None})
+    waits = []
+
+    def sleep(seconds):  # the other machine finishes its trial while this one waits
+        waits.append(seconds)
+        study.tell(elsewhere, 0.99)
+
+    monkeypatch.setattr(harness.paper, "_sleep", sleep)
+    r = paper(tmp_path, small, "--stages", "tune", "--models", "sasrec", "--trials", "1")
+    assert r.exit_code == 0, r.output
+    assert "waiting for 1 earlier trial still running elsewhere (0)" in r.output
+    assert waits == [harness.paper.WAIT]
+    best = harness.paper.best_of_first(storage, "paper-sasrec-small", 1)
+    assert best.number == 0 and best.value == 0.99
