@@ -117,6 +117,7 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5, clock: str =
     t = _now()
     epoch = data.train_batches(layout, spec.train.batch_size, rng)
     batch_build = _now() - t  # one epoch's batches, scaled to the timed share below
+    warmup = min(warmup, len(epoch) - 1)  # a tiny dataset: fewer warm-up batches, at least one timed
     n_batches = min(n_batches, len(epoch) - warmup)
     timed = epoch[warmup : warmup + n_batches]
 

@@ -68,14 +68,22 @@ class Cell:
 
 # ------------------------------------------------------------------------------------ params
 
+def _study_fixed(model: str) -> dict[str, Any]:
+    """The [fixed] values of the model's study file: part of every trial's configuration."""
+    try:
+        return dict(load_study_file(study_file_for(model)).fixed)
+    except HarnessError:
+        return {}
+
+
 def default_params(model: str) -> dict[str, Any]:
-    """The paper's defaults: the first enqueued trial of the model's study file, if any (a
-    model without a study file runs at its config's defaults)."""
+    """The paper's defaults: the study file's [fixed] values and its first enqueued trial, if
+    any (a model without a study file runs at its config's defaults)."""
     try:
         sf = load_study_file(study_file_for(model))
     except HarnessError:
         return {}
-    return dict(sf.enqueue[0]) if sf.enqueue else {}
+    return {**sf.fixed, **(sf.enqueue[0] if sf.enqueue else {})}
 
 
 def trainer_defaults(model: str, train: dict[str, Any], given: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -92,13 +100,15 @@ def trainer_defaults(model: str, train: dict[str, Any], given: frozenset[str] = 
 
 
 def best_params(model: str, dataset: str, storage) -> dict[str, Any] | None:
-    """Params of the best COMPLETE trial of the `<model>-<dataset>` tuning study, if any."""
+    """Params of the best COMPLETE trial of the `<model>-<dataset>` tuning study, if any, with
+    the study file's [fixed] values the trial was trained with (a trial's params hold only the
+    searched keys)."""
     name = f"{model}-{Path(dataset).stem if '/' in dataset else dataset}"
     if name not in optuna.study.get_all_study_names(storage):
         return None
     study = optuna.load_study(study_name=name, storage=storage)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return dict(max(done, key=lambda t: t.value).params) if done else None
+    return {**_study_fixed(model), **max(done, key=lambda t: t.value).params} if done else None
 
 
 def params_for(model: str, dataset: str, source: str, storage) -> tuple[dict[str, Any], str]:
@@ -115,7 +125,7 @@ def params_for(model: str, dataset: str, source: str, storage) -> tuple[dict[str
         params, origin = default_params(base_model), "paper defaults"
     else:
         params = _read_params(source)
-        params, origin = params.get(base_model, params), f"file {source}"
+        params, origin = params.get(model, params.get(base_model, params)), f"file {source}"
     spec = models.get(model)
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     kept = {k: v for k, v in params.items() if (k in fields or k in TRAINER_KEYS) and k not in spec.fixed}

@@ -280,3 +280,22 @@ def test_a_cell_without_a_budget_of_its_own_keeps_its_key():
     assert json.loads(own.key(train))["train"] == {"patience": 40, "epochs": 200}
     spec = own.run_spec(RunSpec(model="x", dataset="y", train=TrainConfig(patience=10)))
     assert (spec.train.patience, spec.train.lr, spec.train.seed, spec.model) == (40, 1e-3, 2020, "sasrec")
+
+
+def test_paper_and_best_params_carry_the_study_files_fixed_values(tmp_path):
+    """A trial's params hold only the searched keys; the [fixed] values it trained with must come
+    along, or `--params best|paper` runs another configuration than the one tuned."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from harness.experiments import best_params, default_params
+    from harness.studies import load_study_file, study_file_for
+
+    fixed = load_study_file(study_file_for("sasrec")).fixed
+    assert fixed and fixed.items() <= default_params("sasrec").items()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="sasrec-tiny", storage=storage, direction="maximize")
+    for lr, value in ((1e-3, 0.1), (3e-3, 0.2)):
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, value=value,
+                                                  distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)}))
+    assert best_params("sasrec", "tiny", storage) == {**fixed, "lr": 3e-3}
