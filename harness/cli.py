@@ -69,7 +69,7 @@ def trainer_options(f):
         click.option("--data-dir", "cmd_data_dir", type=click.Path(file_okay=False), default=None,
                      help="Overrides the group's --data-dir."),
         click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True,
-                     help="Epoch cap for pre-training IGR-SR's LID encoder (early-stopped; cached)."),
+                     help="Epoch cap for pre-training IGR-SR's LID encoder and LARES's stage 1 (early-stopped; cached)."),
     ]
     for option in reversed(options):
         f = option(f)
