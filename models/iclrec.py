@@ -84,7 +84,7 @@ import torch.nn.functional as F
 
 from models.base import attention
 from models.kmeans import assign, kmeans
-from models.losses import item_scores, linear_cross_entropy
+from models.losses import linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRec, SASRecConfig
 
 AUGMENTATIONS = ("random", "crop", "mask", "reorder")

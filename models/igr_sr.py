@@ -43,7 +43,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.base import (CrossAttention, Dropout, FeedForward, SelfAttention, SequentialRecommender,
