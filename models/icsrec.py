@@ -192,6 +192,44 @@ def build_partner_index(data, max_len: int) -> _PartnerIndex:
                          w2=t(w2), hashes=t(hashes), keys=t(keys[order]), order=t(order), n_hist=n_hist)
 
 
+def same_target_partners(batch, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One same-target, different-history partner per row of `batch` (items, lengths, target):
+    (items, lengths, sample id), the id -1 where the row is its own partner. Drawn from `index`
+    (`build_partner_index` of the training split, on the batch's device) when given, else from
+    the batch (ids then index the batch's rows)."""
+    items, lengths, target = batch.items, batch.lengths, batch.target
+    B, device = items.shape[0], items.device
+    if index is None:
+        same_target = target[:, None] == target[None, :]
+        same_hist = (lengths[:, None] == lengths[None, :]) & (items[:, None, :] == items[None, :, :]).all(-1)
+        cand = same_target & ~same_hist
+        pick = torch.rand(B, B, device=device).masked_fill(~cand, -1.0).argmax(1)
+        has = cand.any(1)
+        pick = torch.where(has, pick, torch.arange(B, device=device))
+        return items[pick], lengths[pick], torch.where(has, pick, -1)
+    ix = index
+    H = ix.n_hist
+    h = _hash_rows(items, ix.w1, ix.w2)
+    hid = torch.searchsorted(ix.hashes, h).clamp(max=len(ix.hashes) - 1)
+    found = ix.hashes[hid] == h  # False only for rows that are not samples of this split
+    key = target * H + hid
+    g0 = torch.searchsorted(ix.keys, target * H)
+    g1 = torch.searchsorted(ix.keys, (target + 1) * H)
+    s0 = torch.searchsorted(ix.keys, key)
+    s1 = torch.where(found, torch.searchsorted(ix.keys, key + 1), s0)  # own-history block
+    others = (g1 - g0) - (s1 - s0)
+    has = others > 0
+    r = (torch.rand(B, device=device) * others).long().clamp(max=(others - 1).clamp(min=0))
+    pos = g0 + r + (r >= s0 - g0).long() * (s1 - s0)
+    sample = torch.where(has, ix.order[pos.clamp(max=len(ix.order) - 1)], 0)
+    width = int(torch.where(has, ix.length[sample], lengths).max())
+    p_items, p_len = ix.gather(sample, max(width, items.shape[1]))
+    own = F.pad(items, (0, p_items.shape[1] - items.shape[1]))
+    p_items = torch.where(has[:, None], p_items, own)[:, :width]
+    p_len = torch.where(has, p_len, lengths)
+    return p_items, p_len, torch.where(has, sample, -1)
+
+
 class ICSRec(SequentialRecommender):
     layout = "prefix"
 
@@ -245,42 +283,11 @@ class ICSRec(SequentialRecommender):
 
     # ------------------------------------------------------------------------------ partners
     def partners(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One same-target, different-history partner per row: (items, lengths, sample id), the
-        id -1 where the row is its own partner. From the split's index after on_epoch_start,
-        else from the batch (ids then index the batch's rows)."""
-        items, lengths, target = batch.items, batch.lengths, batch.target
-        B, device = items.shape[0], items.device
-        if self._index is None:
-            same_target = target[:, None] == target[None, :]
-            same_hist = (lengths[:, None] == lengths[None, :]) & (items[:, None, :] == items[None, :, :]).all(-1)
-            cand = same_target & ~same_hist
-            pick = torch.rand(B, B, device=device).masked_fill(~cand, -1.0).argmax(1)
-            has = cand.any(1)
-            pick = torch.where(has, pick, torch.arange(B, device=device))
-            return items[pick], lengths[pick], torch.where(has, pick, -1)
-        if self._index.flat.device != device:
-            self._index = self._index.to(device)
-        ix = self._index
-        H = ix.n_hist
-        h = _hash_rows(items, ix.w1, ix.w2)
-        hid = torch.searchsorted(ix.hashes, h).clamp(max=len(ix.hashes) - 1)
-        found = ix.hashes[hid] == h  # False only for rows that are not samples of this split
-        key = target * H + hid
-        g0 = torch.searchsorted(ix.keys, target * H)
-        g1 = torch.searchsorted(ix.keys, (target + 1) * H)
-        s0 = torch.searchsorted(ix.keys, key)
-        s1 = torch.where(found, torch.searchsorted(ix.keys, key + 1), s0)  # own-history block
-        others = (g1 - g0) - (s1 - s0)
-        has = others > 0
-        r = (torch.rand(B, device=device) * others).long().clamp(max=(others - 1).clamp(min=0))
-        pos = g0 + r + (r >= s0 - g0).long() * (s1 - s0)
-        sample = torch.where(has, ix.order[pos.clamp(max=len(ix.order) - 1)], 0)
-        width = int(torch.where(has, ix.length[sample], lengths).max())
-        p_items, p_len = ix.gather(sample, max(width, items.shape[1]))
-        own = F.pad(items, (0, p_items.shape[1] - items.shape[1]))
-        p_items = torch.where(has[:, None], p_items, own)[:, :width]
-        p_len = torch.where(has, p_len, lengths)
-        return p_items, p_len, torch.where(has, sample, -1)
+        """One same-target, different-history partner per row (`same_target_partners`), from the
+        split's index after on_epoch_start, else from the batch."""
+        if self._index is not None and self._index.flat.device != batch.items.device:
+            self._index = self._index.to(batch.items.device)
+        return same_target_partners(batch, self._index)
 
     # ------------------------------------------------------------------------------ epochs
     @torch.no_grad()

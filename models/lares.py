@@ -42,7 +42,7 @@ Stage 1's objective (the port's `compute_loss`), three encoder passes per batch:
 
 Where this differs from the port, and why:
 - The partner: drawn from the whole training set by ICSRec's partner index
-  (models/icsrec.py: `build_partner_index`, `ICSRec.partners`, called with this model's own
+  (models/icsrec.py: `build_partner_index`, `same_target_partners`, with this model's own
   index): a sample with the same target and a different history, anew at every batch, else the
   sample itself (then the pair is two trajectories of one history, as the port's fallback).
   The port draws one partner per sample once, before training, and may pick an equal history.
@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Dropout, SelfAttention, SequentialRecommender, TransformerConfig, init_weights, last_position
-from models.icsrec import ICSRec, build_partner_index
+from models.icsrec import build_partner_index, same_target_partners
 from models.losses import item_scores, linear_cross_entropy
 
 AGGREGATES = ("add", "concat")
@@ -253,7 +253,7 @@ class LARES(SequentialRecommender):
     def partners(self, batch, has_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A same-target partner per sample from the whole training split (ICSRec's index and
         draw; in-batch before on_epoch_start has run): right-padded (items, lengths)."""
-        items, lengths, _ = ICSRec.partners(self, self.sample_histories(batch, has_target))
+        items, lengths, _ = same_target_partners(self.sample_histories(batch, has_target), self._index)
         return items, lengths
 
     def final_states(self, items: torch.Tensor, lengths: torch.Tensor, depth: int) -> torch.Tensor:
