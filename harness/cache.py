@@ -5,6 +5,9 @@ post-trains).
 Key: the dataset's content hash, the model's config, the pre-training recipe and the seed, so
 every trial and worker with the same key shares one model. A file lock keeps two processes
 from pre-training the same model at once: the second waits, then loads the first's file.
+Pre-training keeps its per-epoch training state beside the cached file (`<name>.resume.pt`), so
+a pre-training that was killed (LARES's stage 1 takes hours on a CPU) goes on where it stopped
+the next time any run needs that model, and ends as the uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -37,8 +40,9 @@ def cache_key(data_hash: str, enc_cfg, recipe: dict) -> str:
 
 
 def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_items: int, recipe: dict,
-                   pretrain: Callable[[SASRec], dict]) -> tuple[SASRec, dict, bool]:
-    """Load the cached encoder for this key, or pre-train it with `pretrain(model) -> info`.
+                   pretrain: Callable[[SASRec, Path], dict]) -> tuple[SASRec, dict, bool]:
+    """Load the cached encoder for this key, or pre-train it with `pretrain(model, checkpoint)
+    -> info`, where `checkpoint` is the resume file to hand to `fit`.
 
     Returns (encoder, info, was_cached)."""
     key = cache_key(data_hash, enc_cfg, recipe)
@@ -47,16 +51,16 @@ def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_ite
 
 
 def pretrained_lares_stage1(cache_dir: Path, data_hash: str, cfg: LARESConfig, recipe: dict,
-                            build: Callable[[], LARES], pretrain: Callable[[LARES], dict]) -> tuple[LARES, dict, bool]:
+                            build: Callable[[], LARES], pretrain: Callable[[LARES, Path], dict]) -> tuple[LARES, dict, bool]:
     """The same for LARES's stage-1 model: `build()` makes it untrained (seeded by the caller),
-    `pretrain(model) -> info` trains it. Returns (model, info, was_cached)."""
+    `pretrain(model, checkpoint) -> info` trains it. Returns (model, info, was_cached)."""
     key = cache_key(data_hash, cfg, recipe)
     path = cache_dir / "lares-stage1" / f"lares-{key}.pt"
     return _load_or_pretrain(path, key, recipe, build, pretrain, "LARES stage-1 model")
 
 
 def _load_or_pretrain(path: Path, key: str, recipe: dict, build: Callable[[], nn.Module],
-                      pretrain: Callable[[nn.Module], dict], what: str):
+                      pretrain: Callable[[nn.Module, Path], dict], what: str):
     with FileLock(path.with_suffix(".lock")):
         model = build()
         if path.is_file():
@@ -68,7 +72,7 @@ def _load_or_pretrain(path: Path, key: str, recipe: dict, build: Callable[[], nn
                 print(f"warning: cached {what} {path} is unreadable ({type(e).__name__}); "
                       "pre-training it again", file=sys.stderr)
                 model = build()
-        info = pretrain(model)
+        info = pretrain(model, path.with_name(path.stem + ".resume.pt"))  # fit removes it when done
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()},
                     "info": json.dumps({**info, "key": key, "recipe": recipe})}, tmp)

@@ -150,13 +150,13 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     # histories, so one encoder serves every evaluation reading of the same training data
     lid_data = data.training_only()
 
-    def pretrain(encoder) -> dict:
+    def pretrain(encoder, checkpoint: Path) -> dict:
         if progress:
             from rich.console import Console
 
             Console(stderr=True).print(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) "
                                        f"on {spec.dataset}; cached for later runs")
-        result = fit(encoder, lid_data, lid_train, progress=progress)
+        result = fit(encoder, lid_data, lid_train, progress=progress, checkpoint=checkpoint)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run}
 
@@ -185,13 +185,13 @@ def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, pro
         seed_everything(spec.train.seed)  # the init a `lares-ssl` run of this seed has
         return LARES(cfg1, data.n_items)
 
-    def pretrain(model) -> dict:
+    def pretrain(model, checkpoint: Path) -> dict:
         if progress:
             from rich.console import Console
 
             Console(stderr=True).print(f"pre-training LARES stage 1 (lares-ssl) on {spec.dataset}; "
                                        "cached for later runs")
-        result = fit(model, stage1_data, stage1_train, progress=progress)
+        result = fit(model, stage1_data, stage1_train, progress=progress, checkpoint=checkpoint)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run, "stopped": result.stopped, "curves": result.curves}
 

@@ -18,7 +18,7 @@ def test_key_depends_on_data_encoder_and_recipe():
 def test_cached_once_and_a_corrupt_file_is_pretrained_again(tmp_path, capsys):
     calls = []
 
-    def pretrain(encoder):
+    def pretrain(encoder, checkpoint):
         calls.append(1)
         return {"epochs": 0}
 

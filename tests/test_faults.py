@@ -264,7 +264,7 @@ def test_corrupt_cached_dataset_and_lid_are_rebuilt(tmp_path):
     cfg = SASRecConfig(hidden=8, inner=16, layers=1, max_len=20)
     calls = []
 
-    def pretrain(encoder):
+    def pretrain(encoder, checkpoint):
         calls.append(1)
         return {"epochs": 0}
 

@@ -174,3 +174,39 @@ def test_precision_is_part_of_the_run_identity(tmp_path):
     record = run(dataclasses.replace(bf16_spec, model="sasrec", params={"hidden": "8", "inner": "16"}),
                  progress=False)
     assert record.train_config["precision"] == "bf16"
+
+
+def test_killed_pretraining_resumes_to_the_same_encoder(tmp_path, monkeypatch):
+    """A pre-training (the LID here; LARES's stage 1 goes the same way) killed after an epoch goes
+    on from its resume file the next time a run needs it, and caches the encoder an
+    uninterrupted pre-training caches."""
+    import harness.train as train_mod
+    from harness.runs import load_data
+
+    spec = RunSpec(model="igr-sr", dataset="synthetic", data_dir=tmp_path, cache_dir=tmp_path / "straight",
+                   train=TrainConfig(epochs=1, device="cpu", batch_size=128), lid_epochs=3, lid_patience=10,
+                   params={"d_l": "8", "k": "2", "m": "2"})
+    straight, _, info = build_model(spec, load_data(spec), progress=False)
+
+    class Killed(Exception):
+        pass
+
+    save = train_mod._save_checkpoint
+
+    def save_then_die(path, *args):
+        save(path, *args)
+        if len(args[-1]) == 2:  # curves: killed right after epoch 2 was saved
+            raise Killed
+
+    killed = dataclasses.replace(spec, cache_dir=tmp_path / "killed")
+    data = load_data(killed)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        build_model(killed, data, progress=False)
+    (resume,) = (killed.cache_dir / "lid").glob("*.resume.pt")
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save)
+    resumed, _, info2 = build_model(killed, data, progress=False)
+    assert not info2["cached"] and not resume.exists()
+    assert info2["epochs_run"] == info["epochs_run"] == 3 and info2["valid"] == info["valid"]
+    a, b = straight.lid.state_dict(), resumed.lid.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
