@@ -40,14 +40,22 @@ def cache_key(data_hash: str, enc_cfg, recipe: dict) -> str:
 
 
 def pretrained_lid(cache_dir: Path, data_hash: str, enc_cfg: SASRecConfig, n_items: int, recipe: dict,
-                   pretrain: Callable[[SASRec, Path], dict]) -> tuple[SASRec, dict, bool]:
+                   pretrain: Callable[[SASRec, Path], dict], seed: int | None = None) -> tuple[SASRec, dict, bool]:
     """Load the cached encoder for this key, or pre-train it with `pretrain(model, checkpoint)
-    -> info`, where `checkpoint` is the resume file to hand to `fit`.
+    -> info`, where `checkpoint` is the resume file to hand to `fit`. With `seed`, the untrained
+    encoder is initialised from it (not from whatever the process drew before: a tune worker's
+    second trial, a test run after others).
 
     Returns (encoder, info, was_cached)."""
     key = cache_key(data_hash, enc_cfg, recipe)
     path = cache_dir / "lid" / f"sasrec-d{enc_cfg.hidden}-{key}.pt"
-    return _load_or_pretrain(path, key, recipe, lambda: SASRec(enc_cfg, n_items), pretrain, "LID encoder")
+
+    def build() -> SASRec:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return SASRec(enc_cfg, n_items)
+
+    return _load_or_pretrain(path, key, recipe, build, pretrain, "LID encoder")
 
 
 def pretrained_lares_stage1(cache_dir: Path, data_hash: str, cfg: LARESConfig, recipe: dict,

@@ -145,7 +145,9 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     lid_train = TrainConfig(epochs=spec.lid_epochs, patience=spec.lid_patience, seed=spec.train.seed,
                             device=spec.train.device, eval_batch_size=spec.train.eval_batch_size,
                             max_len=spec.train.max_len, mask_history=False, precision=spec.train.precision)
-    recipe = train_identity(lid_train)
+    # `init_seed`: the encoder's initial weights come from the run's seed (before 2026-12, from
+    # whatever the process had drawn before; cached encoders of that time are not reused)
+    recipe = {**train_identity(lid_train), "init_seed": spec.train.seed}
     # pre-trained on the training data alone, early-stopped on that data's own validation
     # histories, so one encoder serves every evaluation reading of the same training data
     lid_data = data.training_only()
@@ -161,7 +163,7 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
                 "epochs_run": result.epochs_run}
 
     encoder, info, cached = pretrained_lid(spec.cache_dir, lid_data.data.content_hash, enc_cfg, data.n_items,
-                                           recipe, pretrain)
+                                           recipe, pretrain, seed=spec.train.seed)
     return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
 
 
