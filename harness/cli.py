@@ -528,6 +528,8 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
               help="Trials of each ablation variant's lr-only study.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per experiment cell: --seed, --seed + 1, ...")
+@click.option("--sensitivity-seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Seeds per cell of the sensitivity grid (k x m cells, each trained to early stop).")
 @click.option("--final-epochs", type=click.IntRange(min=1), default=200, show_default=True,
               help="Epoch cap of the experiments' runs, trained to early stop.")
 @click.option("--patience", type=click.IntRange(min=1), default=None,

@@ -205,8 +205,14 @@ WAIT = 5.0  # seconds between looks at cells another live process is running
 
 
 def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, storage_url: str | None,
-                   results_dir: Path, notes: list[str], echo: Callable[[str], None] = print) -> optuna.Study:
+                   results_dir: Path, notes: list[str], echo: Callable[[str], None] = print,
+                   reuse: tuple[str, ...] = ()) -> optuna.Study:
     """Run every cell of study `name` that is not COMPLETE; return the study once all are.
+
+    `reuse`: other experiment studies whose COMPLETE cells of the same key (the same run:
+    model, data, noise, parameters, seed, trainer) are copied in instead of trained again, e.g.
+    robustness's clean cells from the comparison of the same parameters. A copy is the donor
+    trial's result and artifacts, marked `reused_from` = "STUDY#NUMBER".
 
     Several processes (or machines, on a database) may fill one grid: each claims the next
     free cell under a lock and marks it RUNNING, so no cell runs twice. A RUNNING cell whose
@@ -226,6 +232,9 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
     study.set_user_attr("experiment", definition)
     store = artifact_store(results_dir)
     tried: set[str] = set()  # cells that failed in this invocation with an error: not retried here
+    if reuse:
+        with claim_lock(storage, name, storage_url):
+            _copy_done_cells(study, keys, reuse, storage, echo)
     announced = False
     while True:
         with claim_lock(storage, name, storage_url):
@@ -251,6 +260,28 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
         if not _run_cell(study, trial, by_key[key], base, store, echo,
                          f"[{len(set(keys) & done) + 1}/{len(set(keys))}]"):
             tried.add(key)
+
+
+def _copy_done_cells(study: optuna.Study, keys: list[str], donors: tuple[str, ...], storage,
+                     echo: Callable[[str], None]) -> None:
+    done, busy = _cell_states(study)
+    wanted = set(keys) - done - busy
+    stored = set(optuna.study.get_all_study_names(storage))
+    copied = 0
+    for donor in donors:
+        if not wanted or donor not in stored or donor == study.study_name:
+            continue
+        source = optuna.load_study(study_name=donor, storage=storage)
+        for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            key = t.user_attrs.get("cell")
+            if key in wanted and t.user_attrs.get("artifact_ranks"):
+                attrs = {**t.user_attrs, "reused_from": f"{donor}#{t.number}"}
+                study.add_trial(optuna.trial.create_trial(value=t.value, user_attrs=attrs, state=TrialState.COMPLETE))
+                wanted.discard(key)
+                copied += 1
+    if copied:
+        echo(f"{study.study_name}: {copied} cell{'s' * (copied != 1)} copied from runs already done "
+             f"({', '.join(donors)}), not trained again")
 
 
 def _cell_states(study: optuna.Study) -> tuple[set[str], set[str]]:

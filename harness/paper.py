@@ -7,8 +7,11 @@ Stages, each made of what the single commands run (the same functions, the same 
 - compare (Table 2): each model at its best trial over S seeds, trained to early stop;
 - ablate (Figure 2): first one small lr-only study per variant (the full model included), then
   the variants over S seeds, each at IGR-SR's best parameters and its own tuned lr;
-- sensitivity (Figure 3): IGR-SR at its best parameters over a k x m grid;
+- sensitivity (Figure 3): IGR-SR at its best parameters over a k x m grid (--sensitivity-seeds,
+  1 by default: the grid is the pipeline's largest stage otherwise);
 - robustness (Table 3): clean and noisy cells of the listed models;
+the clean robustness cells, and the sensitivity cell at IGR-SR's tuned k and m, are the very runs
+compare made (same key: model, data, parameters, seed, trainer): they are copied, not retrained;
 - report: every table and figure, the tuning overview and a manifest under the output folder.
 
 Resumable because the stores are: a tune study holding its target of finished trials runs
@@ -80,6 +83,7 @@ class PaperJob:
     pruner: str = "hyperband"
     lr_trials: int = 6
     seeds: int = 3
+    sensitivity_seeds: int = 1  # Figure 3's grid: k x m cells are many, each a run to early stop
     final_epochs: int = 200  # epoch cap of the experiments' runs (early stopping decides)
     hours: float | None = None
     workers: int = 1
@@ -162,6 +166,12 @@ class Item:
     done: int = 0
     tuning: bool = False  # a tuning study (runs = trials), else an experiment grid (runs = cells)
     model: str = ""  # a tuning study's model or variant
+    free: int = 0  # runs copied from an earlier stage's runs (robustness's clean cells), not trained
+
+    @property
+    def left(self) -> int:
+        """Runs still to train (copies are made first, so `done` covers them once made)."""
+        return max(self.runs - max(self.done, self.free), 0)
 
 
 @dataclass
@@ -180,7 +190,7 @@ class StagePlan:
         return sum(min(i.done, i.runs) for i in self.items)
 
     def remaining_seconds(self) -> float:
-        return sum(max(i.runs - i.done, 0) * i.per_run for i in self.items) + (self.overhead if self.done < self.runs else 0)
+        return sum(i.left * i.per_run for i in self.items) + (self.overhead if self.done < self.runs else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,10 +381,11 @@ def build_plan(job: PaperJob, names: list[str], budget: Budget, costs: dict[str,
     def final_epochs(model: str) -> int:  # to early stop: about the tuning cap's best epoch + patience
         return min(job.final_epochs, job.epochs + _patience(job, model))
 
-    def grid_item(label: str, study: str, models_: list[str], per_model: int) -> Item:
+    def grid_item(label: str, study: str, models_: list[str], per_model: int, free: int = 0) -> Item:
         runs = per_model * len(models_)
         seconds = sum(final_epochs(m) * cost(m).epoch for m in models_) / max(len(models_), 1)
-        return Item(label, study, runs, round(sum(final_epochs(m) for m in models_) / max(len(models_), 1)), seconds)
+        return Item(label, study, runs, round(sum(final_epochs(m) for m in models_) / max(len(models_), 1)), seconds,
+                    free=free)
 
     plans: list[StagePlan] = []
     if "tune" in job.stages:
@@ -401,13 +412,17 @@ def build_plan(job: PaperJob, names: list[str], budget: Budget, costs: dict[str,
     if "sensitivity" in job.stages:
         ks, ms = _ints("--k", job.ks), _ints("--m", job.ms)
         plans.append(StagePlan("sensitivity", [grid_item("sensitivity", job.study("sensitivity"), [PROPOSED],
-                                                         len(ks) * len(ms) * job.seeds)],
-                               note=f"k {job.ks} x m {job.ms} x {_n(job.seeds, 'seed')}"))
+                                                         len(ks) * len(ms) * job.sensitivity_seeds)],
+                               note=f"k {job.ks} x m {job.ms} x {_n(job.sensitivity_seeds, 'seed')} (--sensitivity-seeds); "
+                                    "a cell at IGR-SR's tuned k and m is copied from compare"))
     if "robustness" in job.stages:
         rob = _split(job.robustness_models)
-        plans.append(StagePlan("robustness", [grid_item("robustness", job.study("robustness"), rob, 2 * job.seeds)],
+        reused = job.seeds * len(rob) if "compare" in job.stages else 0
+        plans.append(StagePlan("robustness", [grid_item("robustness", job.study("robustness"), rob, 2 * job.seeds,
+                                                        free=reused)],
                                note=f"{_n(len(rob), 'model')} x (clean, {job.noise:g} noise on {job.noise_on}) x "
-                                    f"{_n(job.seeds, 'seed')}"))
+                                    f"{_n(job.seeds, 'seed')}" + ("; the clean cells are compare's runs, copied"
+                                                                   if reused else "")))
     if "report" in job.stages:
         plans.append(StagePlan("report", [], note="every table and figure, the tuning overview, the manifest"))
     return plans
@@ -494,15 +509,16 @@ def format_plan(job: PaperJob, plans: list[StagePlan], budget: Budget, costs: di
             table.add_row(plan.name, "", "-", "-", "-")
         for i, item in enumerate(plan.items):
             epochs = f"<= {item.epochs}" if item.tuning else f"~{item.epochs}"
-            table.add_row(plan.name if i == 0 else "", item.label, f"{item.done} / {item.runs}", epochs,
-                          format_duration(max(item.runs - item.done, 0) * item.per_run / job.workers))
+            copied = f" ({item.free} copied)" if item.free else ""
+            table.add_row(plan.name if i == 0 else "", item.label, f"{item.done} / {item.runs}{copied}", epochs,
+                          format_duration(item.left * item.per_run / job.workers))
         if plan.overhead and plan.done < plan.runs:
             table.add_row("", "LID encoders", "", "", f"<= {format_duration(plan.overhead)}")
     parts: list[Any] = [table, f"  storage {job.storage or 'studies/optuna.journal'}; outputs {job.out_dir}"]
     parts += [f"  {p.name}: {p.note}" for p in plans if p.note]
     sources = sorted({c.source for c in costs.values()})
     parts.append(f"ETA {format_duration(total_seconds(plans, job.workers))} for the runs left "
-                 f"({sum(p.runs - p.done for p in plans)} of {sum(p.runs for p in plans)}); per-epoch costs at "
+                 f"({sum(i.left for p in plans for i in p.items)} of {sum(p.runs for p in plans)} to train); per-epoch costs at "
                  f"{threads} thread(s), {job.base.train.precision}: {'; '.join(sources)}. Tuning estimates assume "
                  "no trial is pruned; experiments' epochs are a guess (cap + patience).")
     if job.hours is not None:
@@ -522,6 +538,7 @@ def format_plan(job: PaperJob, plans: list[StagePlan], budget: Budget, costs: di
 # ---------------------------------------------------------------------------------------------
 
 _FINISHED_RUN = re.compile(r"^(\[w\d+\] )?trial \d+ (complete|pruned)|^  test recall@10 ")
+_COPIED = re.compile(r"^\S+: (\d+) cells? copied from")
 
 
 class Progress:
@@ -547,7 +564,11 @@ class Progress:
 
         def line(text: str) -> None:
             echo(text)
-            if _FINISHED_RUN.match(text) and item.done < item.runs:
+            copied = _COPIED.match(text)
+            if copied:
+                item.done = min(item.done + int(copied.group(1)), item.runs)
+                self.show(plan, item)
+            elif _FINISHED_RUN.match(text) and item.done < item.runs:
                 item.done += 1
                 self.planned_done += item.per_run
                 self.show(plan, item)
@@ -859,7 +880,7 @@ def stage_tune(ctx: Context) -> None:
 
 
 def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list, notes: list[str],
-              models_: list[str], command: list[str]) -> None:
+              models_: list[str], command: list[str], reuse: tuple[str, ...] = ()) -> None:
     """Run one experiment grid as its command would (check, claim and run the missing cells;
     with --workers, that many processes fill it), and insist that it is whole."""
     from types import SimpleNamespace
@@ -880,7 +901,7 @@ def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list,
                                         lambda i: ctx.worker_argv(plan.name, i, overrides), echo)
         for problem in problems:
             echo(f"warning: {problem}; the cells it left are run here")
-    study = run_experiment(kind, item.study, cells, base, job.storage, job.results_dir, notes, echo)
+    study = run_experiment(kind, item.study, cells, base, job.storage, job.results_dir, notes, echo, reuse=reuse)
     train = train_identity(base.train, drop=("seed",))
     keys = {c.key(train) for c in cells}
     done = len(completed_cells(study))
@@ -894,7 +915,8 @@ def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list,
                            + (f" (last: {reasons[-1]})" if reasons else "") + "; rerun to run them again")
 
 
-def _cells(ctx: Context, kind: str, params: dict[str, Path], storage, **options) -> tuple[list, list[str]]:
+def _cells(ctx: Context, kind: str, params: dict[str, Path], storage, seeds: int | None = None,
+           **options) -> tuple[list, list[str]]:
     """The grid of `kind` as its command builds it (experiments.grid), each model with its own
     parameter file."""
     from harness import kinds
@@ -906,16 +928,16 @@ def _cells(ctx: Context, kind: str, params: dict[str, Path], storage, **options)
     axes = kinds.get(kind).axes(**options)
     cells: list = []
     for model in axes.models:
-        more, _ = grid([model], [job.dataset], job.seeds, str(params[model]), storage, noise=axes.noise,
+        more, _ = grid([model], [job.dataset], seeds or job.seeds, str(params[model]), storage, noise=axes.noise,
                        extra=axes.extra, first_seed=base.train.seed, noise_on=axes.noise_on,
                        train=train_identity(base.train, drop=("seed",)), given=job.final_given)
         cells += more
     return cells, axes.models
 
 
-def _experiment_argv(ctx: Context, kind: str, params: Path, *options: str) -> list[str]:
+def _experiment_argv(ctx: Context, kind: str, params: Path, *options: str, seeds: int | None = None) -> list[str]:
     job = ctx.job
-    return [*_group_argv(job), kind, "--dataset", job.dataset, *options, "--seeds", str(job.seeds),
+    return [*_group_argv(job), kind, "--dataset", job.dataset, *options, "--seeds", str(seeds or job.seeds),
             "--params", str(params), *_storage_argv(job), *_trainer_argv(job, final=True)]
 
 
@@ -989,12 +1011,14 @@ def stage_sensitivity(ctx: Context) -> None:
     storage = ctx.storage()
     files, _ = _tuned_files(ctx, storage, [PROPOSED])
     ks, ms = _ints("--k", ctx.job.ks), _ints("--m", ctx.job.ms)
-    cells, models_ = _cells(ctx, "sensitivity", files, storage, ks=ks, ms=ms)
+    seeds = ctx.job.sensitivity_seeds
+    cells, models_ = _cells(ctx, "sensitivity", files, storage, seeds=seeds, ks=ks, ms=ms)
     notes = [f"{PROPOSED} on {ctx.job.dataset}: {_tuned_origin(ctx)}; k and m as the grid says"]
     plan = ctx.plan("sensitivity")
     _run_grid(ctx, plan, plan.items[0], "sensitivity", cells, notes, models_,
               _experiment_argv(ctx, "sensitivity", files[PROPOSED], "--k", ",".join(map(str, ks)),
-                               "--m", ",".join(map(str, ms))))
+                               "--m", ",".join(map(str, ms)), seeds=seeds),
+              reuse=(ctx.job.study("compare"),))
 
 
 def stage_robustness(ctx: Context) -> None:
@@ -1008,7 +1032,8 @@ def stage_robustness(ctx: Context) -> None:
     plan = ctx.plan("robustness")
     _run_grid(ctx, plan, plan.items[0], "robustness", cells, notes, models_,
               _experiment_argv(ctx, "robustness", combined, "--models", ",".join(rob), "--noise", f"{job.noise:g}",
-                               "--noise-on", job.noise_on))
+                               "--noise-on", job.noise_on),
+              reuse=(job.study("compare"),))
 
 
 def stage_report(ctx: Context) -> list:

@@ -203,7 +203,7 @@ def test_second_identical_run_runs_nothing(pipeline):
     assert again.exit_code == 0, again.output
     assert pipeline["after_again"] == pipeline["after_full"]  # not one trial more, in any study
     assert "running 0" in again.output and "running 1" not in again.output
-    assert "ETA 0 s for the runs left (0 of 17)" in again.output
+    assert "ETA 0 s for the runs left (0 of 17 to train)" in again.output
     m = json.loads((pipeline["out"] / "manifest.json").read_text())
     assert len(m["stages"]["compare"]["sessions"]) == 1  # a stage with nothing new adds no session
 
@@ -292,3 +292,23 @@ def test_best_waits_for_earlier_trials_running_elsewhere(tmp_path, small, monkey
     assert waits == [harness.paper.WAIT]
     best = harness.paper.best_of_first(storage, "paper-sasrec-small", 1)
     assert best.number == 0 and best.value == 0.99
+
+
+def test_clean_robustness_cells_are_compare_runs_copied_not_retrained(pipeline):
+    from harness.store import open_storage
+
+    assert "paper-robustness-small: 1 cell copied from runs already done (paper-compare-small)" in pipeline["full"].output
+    storage = open_storage(str(pipeline["root"] / "s.journal"))
+    compare = {t.user_attrs["cell"]: t for t in optuna.load_study(study_name="paper-compare-small", storage=storage)
+               .get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    robust = optuna.load_study(study_name="paper-robustness-small", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
+    clean = [t for t in robust if json.loads(t.user_attrs["cell"])["noise"] == 0]
+    noisy = [t for t in robust if json.loads(t.user_attrs["cell"])["noise"] > 0]
+    assert len(clean) == len(noisy) == 1 and "reused_from" not in noisy[0].user_attrs
+    (copy,) = clean
+    donor = compare[copy.user_attrs["cell"]]
+    assert copy.user_attrs["reused_from"] == f"paper-compare-small#{donor.number}"
+    assert copy.value == donor.value and copy.user_attrs["artifact_ranks"] == donor.user_attrs["artifact_ranks"]
+    # the plan counts it as copied, not as a run to train
+    assert "(1 copied)" in pipeline["full"].output
