@@ -114,7 +114,7 @@ def test_unknown_dataset_is_one_line(tmp_path):
 def test_bench_figures_are_measured_once_and_cached(tmp_path, small, monkeypatch):
     import harness.bench
     from harness.data import registry
-    from harness.paper import PaperJob, measure_costs
+    from harness.paper_plan import PaperJob, measure_costs
     from harness.runs import RunSpec
 
     calls = []
