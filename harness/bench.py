@@ -110,7 +110,8 @@ def benchmark(spec: RunSpec, n_batches: int = 200, warmup: int = 5, clock: str =
     rng = np.random.default_rng(spec.train.seed)
 
     t = _now()
-    model.on_epoch_start(1, data)
+    with autocast(device, precision):
+        model.on_epoch_start(1, data)
     _sync(device)
     epoch_start = _now() - t
 

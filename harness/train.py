@@ -241,7 +241,8 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
                 break
             model.train()
             t0 = time.perf_counter()  # a model's per-epoch preparation (k-means) is training time
-            model.on_epoch_start(epoch, data)
+            with autocast(device, precision):  # a model's per-epoch encoding (k-means input) too
+                model.on_epoch_start(epoch, data)
             batches = data.train_batches(layout, cfg.batch_size, rng)
             loss_sum, parts_sum, n_seen = 0.0, {}, 0
             display.start_epoch(epoch, len(batches))

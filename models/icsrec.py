@@ -56,7 +56,8 @@ Choices (where the code gave no usable answer or this harness differs):
 - k-means: models/kmeans.py (torch, k-means++ seeding) instead of faiss; best of `kmeans_redo`
   runs by inertia, fit on at most 4096 points per centroid (a seeded subsample, as faiss),
   seed `kmeans_seed` (1, as the code) every epoch. The clustering pass uses the split's own
-  rows in length order (bf16 autocast on CUDA) and leaves the global RNG state untouched.
+  rows in length order (in the run's precision: the trainer calls on_epoch_start inside its
+  autocast), k-means and the nearest-centroid look-ups in fp32 always, and leaves the global RNG state untouched.
 - The three encoder passes (CE view, the row's contrastive view, the partner) run as one set
   of 3B rows (separate dropout masks per row, as separate calls give), encoded in a few
   groups of similar length: the partners' lengths are unrelated to the batch's.
@@ -312,8 +313,7 @@ class ICSRec(SequentialRecommender):
             reps = []
             for i in range(0, len(order), _CLUSTER_BATCH):
                 items, lengths = ix.gather(order[i:i + _CLUSTER_BATCH])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    reps.append(self.user_vector(items, lengths).float())
+                reps.append(self.user_vector(items, lengths).float())
         finally:
             self.train(was_training)
         x = torch.cat(reps)

@@ -4,7 +4,9 @@ representations every epoch; their code uses faiss, which this project does not 
 Lloyd's algorithm with k-means++ seeding on whatever device the vectors live on. Distances
 are computed in chunks so a few hundred thousand vectors x 256 centroids fit in memory.
 Empty clusters are re-seeded with the points farthest from their centroids, so all k
-centroids stay in use (faiss does the same kind of split).
+centroids stay in use (faiss does the same kind of split). Distances are fp32 even inside a
+caller's bf16 autocast (a training step, an epoch's encoding pass): bf16's 3 digits would tie
+and swap nearest centroids.
 """
 from __future__ import annotations
 
@@ -16,15 +18,30 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)).clamp_min_(0)
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index of the nearest centroid, squared distance to it) for every row of x."""
-    idx, dist = [], []
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096,
+           x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the nearest centroid, squared distance to it) for every row of x. `x_sq`: the
+    rows' squared norms (n, 1), when the caller has them (k-means: once, not every iteration).
+
+    The same numbers as `_sq_dist` then `min`, in place and in row chunks whose distance block
+    stays in cache (4096 x 256 fp32: 4 MiB): 3x faster on the CPU, where the elementwise passes
+    over a 64k-row block went to memory and cost five times the matmul."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _assign(x.float(), centroids.float(), chunk, x_sq)
+
+
+def _assign(x, centroids, chunk, x_sq):
+    if x_sq is None:
+        x_sq = (x * x).sum(1, keepdim=True)
+    c_sq = (centroids * centroids).sum(1)
+    idx = torch.empty(len(x), dtype=torch.long, device=x.device)
+    dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for start in range(0, len(x), chunk):
-        d = _sq_dist(x[start:start + chunk], centroids)
-        best = d.min(1)
-        idx.append(best.indices)
-        dist.append(best.values)
-    return torch.cat(idx), torch.cat(dist)
+        end = start + chunk
+        d = x[start:end] @ centroids.T
+        d.mul_(-2).add_(x_sq[start:end]).add_(c_sq).clamp_min_(0)
+        torch.min(d, 1, out=(dist[start:end], idx[start:end]))
+    return idx, dist
 
 
 @torch.no_grad()
@@ -33,7 +50,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[tor
     Deterministic for a seed. k larger than n is clipped to n."""
     if x.dim() != 2 or len(x) == 0:
         raise ValueError(f"kmeans needs a non-empty (n, d) matrix, got shape {tuple(x.shape)}")
-    x = x.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return _kmeans(x.float(), k, iters, seed)
+
+
+def _kmeans(x: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(x)
     k = min(k, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -46,8 +67,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[tor
         pick = torch.multinomial(weights.cpu(), 1, generator=gen).item()
         centroids = torch.cat([centroids, pool[pick][None]])
         closest = torch.minimum(closest, _sq_dist(pool, pool[pick][None]).squeeze(1))
+    x_sq = (x * x).sum(1, keepdim=True)
     for _ in range(iters):
-        labels, dist = assign(x, centroids)
+        labels, dist = assign(x, centroids, x_sq=x_sq)
         sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         empty = (counts == 0).nonzero().squeeze(1)
@@ -55,5 +77,5 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[tor
         if len(empty):
             far = dist.topk(len(empty)).indices
             centroids[empty] = x[far]
-    labels, _ = assign(x, centroids)
+    labels, _ = assign(x, centroids, x_sq=x_sq)
     return centroids, labels

@@ -39,3 +39,22 @@ def test_clips_k_and_rejects_empty_input():
     assert len(centroids) == 4 and sorted(labels.tolist()) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="non-empty"):
         kmeans(torch.empty(0, 3), 2)
+
+
+def test_assign_is_the_plain_nearest_centroid_in_fp32_even_under_bf16_autocast():
+    """The chunked, in-place distances are the straightforward formula's numbers, bit for bit,
+    whatever the chunk, and an enclosing bf16 autocast (a training step) does not round them."""
+    from models.kmeans import _sq_dist, assign
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 16, generator=g) * 3
+    c = torch.randn(40, 16, generator=g)
+    plain = _sq_dist(x, c).min(1)
+    for chunk in (7, 4096, 65536):
+        idx, dist = assign(x, c, chunk=chunk)
+        assert torch.equal(idx, plain.indices) and torch.equal(dist, plain.values)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, dist = assign(x, c)
+        _, labels = kmeans(x, 8, iters=5, seed=3)
+    assert dist.dtype == torch.float32 and torch.equal(idx, plain.indices)
+    assert torch.equal(labels, kmeans(x, 8, iters=5, seed=3)[1])
