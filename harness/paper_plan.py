@@ -435,6 +435,19 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def _cost_sources(job: PaperJob, costs: dict[str, Cost]) -> str:
+    """Where the costs came from, one phrase per kind: "bench, cached" with the span of dates."""
+    cached = sorted(c.source.removeprefix("bench, cached ") for c in costs.values()
+                    if c.source.startswith("bench, cached "))
+    others = sorted({c.source for c in costs.values() if not c.source.startswith("bench, cached ")})
+    parts = [f"{s} ({sum(c.source == s for c in costs.values())} figures)" for s in others]
+    if cached:
+        span = cached[0][:16] if cached[0][:16] == cached[-1][:16] else f"{cached[0][:16]} to {cached[-1][:16]}"
+        parts.append(f"bench ({len(cached)} figures, cached {span.replace('T', ' ')} UTC in "
+                     f"{job.base.cache_dir / 'paper-bench'}: delete to measure again)")
+    return "; ".join(parts)
+
+
 def format_plan(job: PaperJob, plans: list[StagePlan], budget: Budget, costs: dict[str, Cost], threads: int):
     from rich import box
     from rich.console import Group
@@ -457,10 +470,10 @@ def format_plan(job: PaperJob, plans: list[StagePlan], budget: Budget, costs: di
             table.add_row("", "LID encoders", "", "", f"<= {format_duration(plan.overhead)}")
     parts: list[Any] = [table, f"  storage {job.storage or 'studies/optuna.journal'}; outputs {job.out_dir}"]
     parts += [f"  {p.name}: {p.note}" for p in plans if p.note]
-    sources = sorted({c.source for c in costs.values()})
+    sources = _cost_sources(job, costs)
     parts.append(f"ETA {format_duration(total_seconds(plans, job.workers))} for the runs left "
                  f"({sum(i.left for p in plans for i in p.items)} of {sum(p.runs for p in plans)} to train); per-epoch costs at "
-                 f"{threads} thread(s), {job.base.train.precision}: {'; '.join(sources)}. Tuning estimates assume "
+                 f"{threads} thread(s), {job.base.train.precision}: {sources}. Tuning estimates assume "
                  "no trial is pruned; experiments' epochs are a guess (cap + patience).")
     if job.hours is not None:
         if budget.cut:
