@@ -144,11 +144,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask` (B, 1, L, L) bool, True = attend, replaces both `causal` and `key_mask`
+        (packed rows: several sequences side by side, each attending to itself only)."""
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.attn_dropout if self.training else 0.0
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        mask = attn_mask if attn_mask is not None else None if key_mask is None else key_mask[:, None, None, :]
         y = attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(B, L, d))
 
