@@ -57,10 +57,13 @@ Choices (where the code gave no usable answer or this harness differs):
   runs by inertia, fit on at most 4096 points per centroid (a seeded subsample, as faiss),
   seed `kmeans_seed` (1, as the code) every epoch. The clustering pass uses the split's own
   rows in length order (in the run's precision: the trainer calls on_epoch_start inside its
-  autocast), k-means and the nearest-centroid look-ups in fp32 always, and leaves the global RNG state untouched.
+  autocast), k-means and the nearest-centroid look-ups in fp32 always, and leaves the global
+  RNG state untouched.
 - The three encoder passes (CE view, the row's contrastive view, the partner) run as one set
-  of 3B rows (separate dropout masks per row, as separate calls give), encoded in a few
-  groups of similar length: the partners' lengths are unrelated to the batch's.
+  of 3B rows (separate dropout masks per row, as separate calls give), packed side by side
+  (`models.base.pack`: attention within each row only, positions from each row's own end): the
+  partners' lengths are unrelated to the batch's, and packed ~98% of the encoded tokens are
+  real (1.8x less CPU time per Toys batch than 8 length groups).
 - Contrastive similarities and softmaxes are computed in fp32 (dot products / 1.0 of LayerNorm
   outputs reach ~64, too coarse in bf16).
 - The code's CE also scores an unused mask-token column (item_size = max_item + 2); here the
@@ -81,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, SequentialRecommender, init_weights, last_position
+from models.base import Dropout, Packed, SequentialRecommender, init_weights, last_position, pack
 from models.kmeans import assign, kmeans
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRecConfig
@@ -90,7 +93,7 @@ _P1, _P2 = 2147483647, 2147483629  # primes < 2^31: products with item ids stay 
 _HASH_SEED = 12345
 _CLUSTER_BATCH = 2048
 _MAX_POINTS_PER_CENTROID = 4096  # faiss's default subsampling for k-means training
-_LENGTH_GROUPS = 8  # training views are encoded in this many groups of similar length
+_LENGTH_GROUPS = 8  # last_states_by_length (the reference the packed pass is tested against)
 
 
 @dataclass
@@ -252,19 +255,33 @@ class ICSRec(SequentialRecommender):
         self.intents: torch.Tensor | None = None  # the same, L2-normalised: the positives
 
     # ------------------------------------------------------------------------------ encoder
-    def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        L = items.shape[1]
-        pos = torch.arange(L, device=items.device)[None].expand(items.shape[0], L)
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """States of every position; `packed`: the rows hold several sequences each (`pack`)."""
+        if packed is None:
+            L = items.shape[1]
+            pos = torch.arange(L, device=items.device)[None].expand(items.shape[0], L)
+            seq_len = lengths[:, None]
+        else:
+            pos, seq_len = packed.positions, packed.lengths
         if self.cfg.positions_from_end:
-            pos = pos + (self.cfg.max_len - lengths)[:, None]
+            pos = pos + (self.cfg.max_len - seq_len)
         pos = pos.clamp(0, self.cfg.max_len - 1)  # only padding (or over-long rows) is clamped
         x = self.emb_drop(self.emb_ln(self.item_emb(items) + self.pos_emb(pos)))
+        mask = None if packed is None else packed.mask
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask=mask)
         return x
 
     def user_vector(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return last_position(self.encode(items, lengths), lengths)
+
+    def last_states(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`user_vector` of every row, in one pass over the rows packed side by side (`pack`):
+        the partners come from anywhere, so their lengths are unrelated to the batch's (which the
+        trainer buckets); packed, ~98% of the encoded tokens are real. The same states as one
+        row each (tested against `last_states_by_length`)."""
+        packed = pack(items, lengths)
+        return self.encode(packed.items, lengths, packed)[packed.last_row, packed.last_col]
 
     def last_states_by_length(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`user_vector` of every row, computed over `_LENGTH_GROUPS` groups of rows of similar
@@ -345,7 +362,7 @@ class ICSRec(SequentialRecommender):
         own = F.pad(items, (0, W - items.shape[1]))
         views = torch.cat([own, own, F.pad(p_items, (0, W - p_items.shape[1]))])
         view_len = torch.cat([lengths, lengths, p_len])
-        h = self.last_states_by_length(views, view_len)
+        h = self.last_states(views, view_len)
         rec, v1, v2 = h[:B], h[B:2 * B], h[2 * B:]
         ce = linear_cross_entropy(rec, self.item_emb.weight, batch.target)
         coarse = nt_xent(v1, v2, cfg.temperature, cfg.sim, batch.target if cfg.f_neg else None)

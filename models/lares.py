@@ -79,7 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, SelfAttention, SequentialRecommender, TransformerConfig, init_weights, last_position
+from models.base import (Dropout, Packed, SelfAttention, SequentialRecommender, TransformerConfig, init_weights,
+                         last_position, pack)
 from models.icsrec import build_partner_index, same_target_partners
 from models.losses import item_scores, linear_cross_entropy
 
@@ -87,7 +88,7 @@ AGGREGATES = ("add", "concat")
 DEPTH_SAMPLING = ("poisson-lognormal", "constant")
 SIMILARITIES = ("dot", "cos")
 _LOGNORMAL_SIGMA = 0.5
-_LENGTH_GROUPS = 8  # partner rows are encoded in up to this many groups of similar length,
+_LENGTH_GROUPS = 8  # final_states_grouped (the packed pass's tested reference): up to this many groups,
 _GROUP_ROWS = 32  # of at least this many rows each
 
 
@@ -141,60 +142,6 @@ def align(x: torch.Tensor, y: torch.Tensor, tau: float, similarity: str = "dot")
         logits = x @ y.T / tau
         labels = torch.arange(x.shape[0], device=x.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-@dataclass
-class Packed:
-    """Right-padded rows (N, W) packed side by side into rows of width W: `items` (R, W),
-    `positions` (R, W) counted from each sequence's first item, `mask` (R, 1, W, W) causal inside
-    each sequence only, and each sequence's last token at (`last_row`, `last_col`)."""
-    items: torch.Tensor
-    positions: torch.Tensor
-    mask: torch.Tensor
-    last_row: torch.Tensor
-    last_col: torch.Tensor
-
-
-def pack(items: torch.Tensor, lengths: torch.Tensor) -> Packed:
-    """First-fit-decreasing packing of sequences into rows as wide as the longest one.
-
-    Why: LARES's partners are other users' prefixes, a few hundred rows of very different
-    lengths; padded (even in length groups) a third of their positions were padding, and the
-    many small groups ran the depth-recurrent core as many small matmuls. Packed, one pass over
-    ~W-wide rows does it. Exact: every token attends only to its own sequence's earlier tokens
-    and positions restart per sequence, so each state is the one its own right-padded row gives
-    (a padding token attends to itself alone, to stay finite; nothing reads it)."""
-    device = items.device
-    W = max(int(lengths.max()), 1)
-    lens = lengths.tolist()
-    order = sorted(range(len(lens)), key=lambda i: -lens[i])
-    fill: list[int] = []
-    row, start = [0] * len(lens), [0] * len(lens)
-    for i in order:
-        n = lens[i]
-        r = next((j for j, f in enumerate(fill) if f + n <= W), len(fill))
-        if r == len(fill):
-            fill.append(0)
-        row[i], start[i] = r, fill[r]
-        fill[r] += n
-    R = len(fill)
-    row_t = torch.tensor(row, device=device)
-    start_t = torch.tensor(start, device=device)
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=device), lengths)  # sequence of each real token
-    first = torch.cumsum(lengths, 0) - lengths
-    j = torch.arange(len(seq), device=device) - first[seq]  # position inside its sequence
-    flat = row_t[seq] * W + start_t[seq] + j
-    packed_items = items.new_zeros(R * W)
-    packed_items[flat] = items[seq, j]
-    positions = torch.zeros(R * W, dtype=torch.long, device=device)
-    positions[flat] = j
-    segment = torch.full((R * W,), -1, dtype=torch.long, device=device)
-    segment[flat] = seq
-    segment = segment.view(R, W)
-    col = torch.arange(W, device=device)
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    mask = (same & (col[None, :, None] >= col[None, None, :])) | torch.eye(W, dtype=torch.bool, device=device)
-    return Packed(packed_items.view(R, W), positions.view(R, W), mask[:, None], row_t, start_t + lengths - 1)
 
 
 class LARES(SequentialRecommender):

@@ -31,9 +31,11 @@ class PostLNBlock(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal, or bidirectional over the real positions when given a key mask (BERT4Rec)."""
-        x = self.ln1(x + self.drop(self.attn(x, causal=key_mask is None, key_mask=key_mask)))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal, or bidirectional over the real positions when given a key mask (BERT4Rec), or
+        as `attn_mask` (B, 1, L, L) says (packed rows, `models.base.pack`)."""
+        x = self.ln1(x + self.drop(self.attn(x, causal=key_mask is None, key_mask=key_mask, attn_mask=attn_mask)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 

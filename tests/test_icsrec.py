@@ -307,3 +307,23 @@ def test_length_grouped_states_equal_one_padded_pass(data):
     assert lengths.min() < items.shape[1]  # some rows are padded, so the grouping cuts something
     with torch.no_grad():
         torch.testing.assert_close(model.last_states_by_length(items, lengths), model.user_vector(items, lengths))
+
+
+def test_packed_states_and_gradients_equal_one_padded_pass(data):
+    """The training views are encoded packed side by side (`models.base.pack`): the same states
+    and gradients as one padded pass, positions counted from each row's own last item."""
+    model = build(dropout=0.0, attn_dropout=0.0).train()
+    rows = data.train_rows("prefix")
+    batch = data._train_batch(rows, np.random.default_rng(1).permutation(len(rows))[:96])  # mixed lengths
+    items, lengths = batch.items, batch.lengths
+    params = list(model.parameters())
+    a = model.last_states(items, lengths)
+    r = torch.randn_like(a)  # a projection: post-LN states have a constant norm, a sum of squares no gradient
+    ga = torch.autograd.grad((a * r).sum(), params, allow_unused=True)
+    b = model.user_vector(items, lengths)
+    gb = torch.autograd.grad((b * r).sum(), params, allow_unused=True)
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * float(y.abs().max()))
