@@ -281,7 +281,7 @@ def measure_costs(job: PaperJob, names: list[str], data, threads: int,
     for model in names:
         params = first_params(model)
         key = {"model": model, "data": data.content_hash, "precision": job.base.train.precision, "device": device,
-               "threads": threads, "batches": job.bench_batches, "params": params}
+               "threads": threads, "batches": job.bench_batches, "params": params, "code": _training_code_hash()}
         path = folder / (hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
                          + ".json")
         if path.is_file():
@@ -312,6 +312,19 @@ def measure_costs(job: PaperJob, names: list[str], data, threads: int,
         _write_text(path, json.dumps({**key, "seconds_per_epoch": report["seconds_per_epoch"],
                                       "eval_seconds": report["eval_seconds"], "when": when}, indent=1, default=str))
     return costs
+
+
+@functools.lru_cache(maxsize=None)
+def _training_code_hash() -> str:
+    """The content of the code an epoch's cost depends on (models/, the trainer, the batches):
+    a cached cost is measured again once a model is made faster, and only then."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted((root / "models").glob("*.py")) + [root / "harness" / "train.py", root / "harness" / "data" / "split.py"]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
