@@ -8,6 +8,7 @@ Runs in-process through the CLI on one torch thread (conftest), CPU, fp32."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -115,6 +116,9 @@ if __name__ == "__main__":  # re-pin: print every scenario's figures as JSON
     out = {}
     for name, make in SCENARIOS.items():
         with tempfile.TemporaryDirectory() as tmp:
+            # an empty cache, as each test gets (conftest): a cached LID pre-trained by older code
+            # would otherwise be reused and pin the old figures
+            os.environ["HARNESS_CACHE_DIR"] = str(Path(tmp) / "cache")
             out[name] = json.loads(json.dumps(make(Path(tmp))))
     json.dump(out, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")

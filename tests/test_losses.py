@@ -32,18 +32,31 @@ def _reference(h, w, b, t):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("block_rows", [None, 1, 5, 37])
-def test_fused_ce_equals_cross_entropy_in_fp32(bias, block_rows):
+@pytest.mark.parametrize("weight", [1.0, 3.0])  # the loss itself (stored gradients returned as they are) or a term of one
+def test_fused_ce_equals_cross_entropy_in_fp32(bias, block_rows, weight):
     h, w, b, t = _case(bias=bias)
     params = [h, w] + ([b] if bias else [])
     ref = _reference(h, w, b, t)
-    ref_grads = torch.autograd.grad(ref * 3.0, params)  # a non-unit incoming gradient
+    ref_grads = torch.autograd.grad(ref * weight, params)
     got = linear_cross_entropy(h, w, t, bias=b, block_rows=block_rows)
-    got_grads = torch.autograd.grad(got * 3.0, params)
+    got_grads = torch.autograd.grad(got * weight if weight != 1.0 else got, params)
     assert got.dtype == torch.float32
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-6, abs=1e-6)
     for mine, theirs in zip(got_grads, ref_grads):
         assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_ce_backward_twice_accumulates_and_keeps_its_stored_gradients():
+    """Returned as they are for a unit incoming gradient, the stored gradients must not be
+    changed by autograd's accumulation: a second backward adds the same gradient again."""
+    h, w, b, t = _case(bias=True)
+    ref_grads = torch.autograd.grad(_reference(h, w, b, t), [h, w, b])
+    got = linear_cross_entropy(h, w, t, bias=b)
+    got.backward(retain_graph=True)
+    got.backward()
+    for p, ref in zip([h, w, b], ref_grads):
+        torch.testing.assert_close(p.grad, 2 * ref, rtol=1e-5, atol=1e-7)
 
 
 def test_fused_ce_has_no_underflow_where_the_target_is_far_behind():

@@ -199,3 +199,34 @@ def test_cross_dropout_is_the_cross_attentions_alone():
     assert model.cfg.cross_dropout == 0.1 and IGRSRConfig().cross_dropout == 0.0
     for layer in model.layers:
         assert layer.cross.attn_dropout == 0.1 and layer.self_attn.attn_dropout == 0.3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sasrec_last_block_at_targets_gives_the_full_pass_states_and_gradients(data, precision):
+    """Where few positions have a target, SASRec's loss runs its last block at those positions
+    only (`encode_at`): the same states, loss and gradients as the whole causal pass read there."""
+    from models.base import NextItemModel
+    from models.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(hidden=16, inner=32, max_len=20, dropout=0.0, attn_dropout=0.0), N_ITEMS).train()
+    rows = data.train_rows("sequence")
+    batch = data._train_batch(rows, np.random.default_rng(1).permutation(len(rows))[:48])  # mixed lengths
+    r, c = torch.nonzero(batch.targets > 0, as_tuple=True)
+    assert r.numel() < batch.targets.numel()  # some positions have no target
+    params = list(model.parameters())
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        h_at = model.encode_at(batch.items, r, c)
+        a = linear_cross_entropy(h_at, model.item_emb.weight, batch.targets[r, c])
+        ga = torch.autograd.grad(a, params)
+        h = model.encode(batch.items)[r, c]
+        b = NextItemModel.loss(model, batch)["loss"]
+        gb = torch.autograd.grad(b, params)
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(h_at, h.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * float(y.abs().max()))
+    # the loss takes this path exactly when under a quarter of the positions have a target
+    few = data._train_batch(rows, np.argsort(-rows.length)[:8])  # long rows
+    assert model.loss(few)["loss"].ndim == 0
