@@ -15,6 +15,10 @@ Pieces:
 - IDR: L dual-attention layers, eq. (5)-(7): H += CrossAttn(H, T_D, T_D); H += causal
   SelfAttn(H); H = LayerNorm(H + FFN(H)) (dropout on each sub-layer output). h_u = state
   at the last item.
+- Only what is read is computed: the IDR's last layer runs its self-attention queries, FFN and
+  LayerNorm at the last item alone, and the LID's last block at the m intent positions alone
+  (`forward_at`, `encode_inputs_at`). The same h_u and T_1 as the full passes (tested); in the
+  "prefix" layout most positions of a row are nobody's output, so this halves those layers.
 - Dropout on the attention weights: the self-attention takes `attn_dropout` (0.5, SASRec's
   recipe: 2-50 keys per query); the cross-attention has its own `cross_dropout`, default 0.0.
   Why: its keys are the m = 1..5 intents, so dropping attention weights drops whole intents
@@ -22,7 +26,7 @@ Pieces:
   it doubled), on top of ICR's masking of T_D, the paper's own regulariser of the intents.
   The cross-attention's output still gets the sub-layer dropout `dropout`; the paper gives no
   rate for the attention weights. `cross_dropout = 0.5` is the earlier behaviour (the
-  cross-attention reused `attn_dropout`), bit for bit; the tuning study searches [0, 0.5]
+  cross-attention reused `attn_dropout`); the tuning study searches [0, 0.5]
   and enqueues both.
 - ICR: two independent element-wise dropout masks (rate p_mask, rescaled by 1/(1-p) so that
   inference can use the unmasked intents, i.e. dropout semantics) on T_D, two IDR passes,
@@ -93,9 +97,10 @@ class LatentIntentDistiller(nn.Module):
         end = k + lengths[:, None]
         src = torch.where(p < end, p, torch.where(p < end + m, p + L - lengths[:, None], p - m))
         x = x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
-        h = self.encoder.encode_inputs(x)
+        # the encoder's last block at the m intent positions only: nothing else is read
         at = end + torch.arange(m, device=items.device)[None]
-        return h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+        rows = torch.arange(B, device=items.device).repeat_interleave(m)
+        return self.encoder.encode_inputs_at(x, rows, at.flatten()).view(B, m, -1)
 
 
 class DualAttentionLayer(nn.Module):
@@ -113,6 +118,16 @@ class DualAttentionLayer(nn.Module):
         if self.cross is not None:
             h = h + self.drop(self.cross(h, intents))
         h = h + self.drop(self.self_attn(h))
+        return self.ln(h + self.drop(self.ffn(h)))
+
+    def forward_at(self, h: torch.Tensor, intents: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+        """`forward(h, intents)[arange(B), cols]` (B, d): the self-attention's queries, the FFN
+        and the LayerNorm at one position per row only (the cross-attention, whose output the
+        self-attention's keys read, still everywhere)."""
+        if self.cross is not None:
+            h = h + self.drop(self.cross(h, intents))
+        rows = torch.arange(h.shape[0], device=h.device)
+        h = h[rows, cols] + self.drop(self.self_attn.forward_at(h, rows, cols))
         return self.ln(h + self.drop(self.ffn(h)))
 
 
@@ -157,9 +172,10 @@ class IGRSR(SequentialRecommender):
             x = self.item_emb(items)
         x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))[None]
         h = self.emb_drop(self.emb_ln(x))
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             h = layer(h, intents)
-        return last_position(h, lengths)
+        # only h_u is read: the last layer runs at each row's last item alone
+        return self.layers[-1].forward_at(h, intents, lengths - 1) if self.layers else last_position(h, lengths)
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         items, lengths, target = batch.items, batch.lengths, batch.target

@@ -80,7 +80,13 @@ class SASRec(NextItemModel):
 
     def encode_at(self, items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """`encode(items)[rows, cols]` (T, d), the last block run at those positions only."""
-        x = self.emb_drop(self.emb_ln(self.item_inputs(items)))
+        return self.encode_inputs_at(self.item_inputs(items), rows, cols)
+
+    def encode_inputs_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """`encode_inputs(x)[rows, cols]` (T, d), the last block run at those positions only."""
+        x = self.emb_drop(self.emb_ln(x))
+        if not self.blocks:
+            return x[rows, cols]
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1].forward_at(x, rows, cols)
