@@ -99,7 +99,7 @@ class SASRec(NextItemModel):
         Only where targets are few (under 1 position in `_FEW_TARGETS`): in short rows with a
         target nearly everywhere the extra gathers cost more than they save (measured on Toys)."""
         rows, cols = torch.nonzero(batch.targets > 0, as_tuple=True)
-        if not self.blocks or _FEW_TARGETS * rows.numel() > batch.targets.numel():
-            return super().loss(batch)  # targets almost everywhere: the gathers would cost more
+        if _FEW_TARGETS * rows.numel() > batch.targets.numel():
+            return super().loss(batch)
         h = self.encode_at(batch.items, rows, cols)
         return {"loss": linear_cross_entropy(h, self.item_emb.weight, batch.targets[rows, cols])}
