@@ -151,30 +151,38 @@ class _EnsembleObjective(torch.autograd.Function):
         kl_sum = torch.zeros((), dtype=torch.float32, device=o.device)
         pairs = B * T * (T - 1)
         rows = _block_rows(B, T * N, None)
+        c = -kl_weight * T / pairs  # d(-kl_weight * KL) / d z_j = c * p_j (w_j - E_pj[w_j]), below
         for b0 in range(0, B, rows):
             hb, tb = h[b0 * T:(b0 + rows) * T], target[b0:b0 + rows]
             nb = tb.shape[0]
             rr = torch.arange(nb, device=o.device)
             z = (hb @ wc.T).float().view(nb, T, N)  # step logits z_j = o_j W^T / tau
-            zsum = z.sum(1)
-            # CE of the ensemble: the mean of the step logits
-            zm = zsum / T
-            lse_m = torch.logsumexp(zm, dim=1)
-            ce_sum += (lse_m - zm[rr, tb]).sum()
+            zm = z.mean(1)  # the ensemble's logits: the mean of the steps'
+            # CE of the ensemble, from its softmax (also its gradient); an underflowed target
+            # probability from the log-sum-exp
+            pm = torch.softmax(zm, dim=1)
+            pm_t = pm[rr, tb]
+            ce_rows = -torch.log(pm_t)
+            tiny = pm_t < _TINY
+            if bool(tiny.any()):
+                zt = zm[tiny]
+                ce_rows[tiny] = torch.logsumexp(zt, dim=1) - zt[torch.arange(zt.shape[0], device=o.device), tb[tiny]]
+            ce_sum += ce_rows.sum()
             # pairwise KL(p_j || sg(p_i)) summed over i != j is E_{p_j}[T z_j - sum_i z_i] (the
-            # log-sum-exps cancel), with the gradient of (T-1)(E_pj[z_j] - lse_j) - E_pj[sg(...)]
+            # log-sum-exps cancel) = T E_{p_j}[w_j] with w_j = z_j - mean_i z_i; its gradient
+            # through p_j alone is T p_j (w_j - E_pj[w_j]) (the same -kl_weight / pairs scale).
+            # In place, fp32 throughout: mixed-dtype elementwise ops are several times slower
             p = torch.softmax(z, dim=2)
-            w = z.mul_(T).sub_(zsum[:, None])  # z is not needed any more
-            ew = (p * w).sum(2, keepdim=True)
-            kl_sum += ew.sum()
+            g = z.sub_(zm[:, None]).mul_(p)  # p_j w_j
+            ew = g.sum(2, keepdim=True)  # E_pj[w_j]
+            kl_sum += ew.sum() * T
             if need_grad:
-                g = w.sub_(ew).mul_(p).mul_(-kl_weight / pairs)  # d(-kl_weight * KL) / d z_j
-                pm = torch.exp_(zm.sub_(lse_m[:, None]))  # softmax of the mean logits
+                g.addcmul_(p, ew, value=-1.0)  # p_j (w_j - E_pj[w_j])
                 pm[rr, tb] -= 1
-                g += pm.div_(B * T)[:, None]  # d CE / d z_j = (softmax - one-hot) / (B T)
-                gd = g.view(nb * T, N).to(dtype)
-                grad_h[b0 * T:(b0 + nb) * T] = gd @ wc
-                g_all[b0 * T:(b0 + nb) * T] = gd
+                pm.div_(B * T)  # d CE / d z_j = (softmax(mean) - one-hot) / (B T), every step alike
+                gd = g_all[b0 * T:(b0 + nb) * T].view(nb, T, N)
+                torch.add(pm[:, None], g, alpha=c, out=gd)
+                grad_h[b0 * T:(b0 + nb) * T] = gd.view(nb * T, N) @ wc
         ce, kl = ce_sum / B, kl_sum / pairs
         if need_grad:
             grad_w = (g_all.T @ h).float()

@@ -200,3 +200,36 @@ def test_ensemble_objective_is_rearec_erl_loss(steps):
     assert not ce.requires_grad and not kl.requires_grad
     for mine, theirs in zip(grads, ref_grads):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision):
+    """Rows split into blocks (a block's logits over a few KiB), in both precisions: the loss,
+    CE and KL of the step logits the matmul dtype gives, and their gradients (bf16: the logit
+    gradient is rounded to bf16 for its matmuls, as autocast's own backward would)."""
+    import models.losses as losses_mod
+    from models.rearec import pairwise_kl
+
+    monkeypatch.setattr(losses_mod, "_BLOCK_BYTES", 4 * 3 * 300 * 4)  # 4 rows of 3 steps x 300 items
+    g = torch.Generator().manual_seed(2)
+    o = (torch.randn(11, 3, 16, generator=g) * 0.5).requires_grad_()
+    w = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
+    t = torch.randint(1, 300, (11,), generator=g)
+    tau, kw = 0.2, 0.01
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    logits = ((o / tau).to(dtype) @ w.to(dtype).T).float()
+    ref_ce = F.cross_entropy(logits.mean(1), t)
+    ref_kl = pairwise_kl(logits)
+    ref_grads = torch.autograd.grad(ref_ce - kw * ref_kl, [o, w])
+    ref_ce, ref_kl = ref_ce.detach(), ref_kl.detach()
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        loss, ce, kl = losses_mod.ensemble_objective(o, w, t, tau, kw)
+    grads = torch.autograd.grad(loss, [o, w])
+    assert float(ce) == pytest.approx(float(ref_ce), rel=1e-5)
+    assert float(kl) == pytest.approx(float(ref_kl), rel=1e-4, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref_ce - kw * ref_kl), rel=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-7) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3 * float(ref_grads[0].abs().max()))
+    torch.testing.assert_close(grads[0], ref_grads[0], **tol)
+    if precision == "bf16":
+        tol["atol"] = 2e-3 * float(ref_grads[1].abs().max())
+    torch.testing.assert_close(grads[1], ref_grads[1], **tol)
