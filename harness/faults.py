@@ -7,7 +7,8 @@ no-op costing one dict lookup).
 kills this process (ACTION `kill`, the default: SIGKILL, as the kernel's OOM killer or a lost
 machine would) or raises a disk-full OSError (ACTION `enospc`) the N-th time it reaches POINT,
 only in tune worker WORKER when given (HARNESS_WORKER, set by the parent; 0 is the parent).
-Points: `epoch` (an epoch's validation is reported), `artifact` (before each artifact upload),
+Points: `trial` (a tune trial has started, before its worker is recorded on it), `epoch` (an
+epoch's validation is reported), `artifact` (before each artifact upload),
 `summary` (midway through writing a study's summary), `cell` (an experiment cell is about to
 be told its result), `workers` (the parent has started its worker processes)."""
 from __future__ import annotations

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,6 +37,7 @@ from harness.errors import HarnessError, first_line
 
 DEFAULT_STORAGE = "studies/optuna.journal"
 MAX_RETRY = 2  # a trial whose worker dies this often (e.g. killed for memory) is not retried again
+UNLABELLED_GRACE_S = 60  # journal (no heartbeats): how long a trial may run before its worker names itself
 
 
 @contextmanager
@@ -261,21 +263,56 @@ def recover(study: optuna.Study, retry: bool = True) -> list[int]:
     """Fail the RUNNING trials whose worker is dead, and with `retry` enqueue them again.
     This host's dead workers are found by pid at once, on any storage; a database with
     heartbeats also fails trials of any machine that went silent (its callback enqueues the
-    retry). Returns the numbers of the trials failed here."""
+    retry). A trial that never named its worker nor beat (see `unlabelled_running`) is failed
+    once it has been so for the grace period. Returns the numbers of the trials failed here."""
     failed = []
+    grace = unlabelled_grace(_backend(study))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_is_dead(trial):
             worker = trial.user_attrs["worker"]
-            if fail_trial(study, trial, f"worker died (pid {worker['pid']} on {worker['host']})"):
-                if retry:
-                    requeue(study, trial)
-                failed.append(trial.number)
+            reason = f"worker died (pid {worker['pid']} on {worker['host']})"
+        elif "worker" not in trial.user_attrs and _age(trial) > grace:
+            reason = (f"storage lost as the trial started: no worker recorded for it in {grace:.0f} s "
+                      "(a database restart or a kill between creating the trial and labelling it)")
+        else:
+            continue
+        if fail_trial(study, trial, reason):
+            if retry:
+                requeue(study, trial)
+            failed.append(trial.number)
     if _heartbeat_interval(_backend(study)):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
         with quiet_experimental():
             optuna.storages.fail_stale_trials(study)
         failed += sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
     return failed
+
+
+def unlabelled_running(study: optuna.Study) -> list[FrozenTrial]:
+    """RUNNING trials with no worker recorded. A worker labels its trial first thing, so one
+    stays unlabelled only when the storage failed in between (a database restart cut the
+    connection after the trial was created, before its label or first heartbeat was written)
+    or the worker was killed in that instant. Neither the pid check nor Optuna's heartbeat
+    check (which skips trials that never beat) can see such a trial; `recover` fails it by age."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if "worker" not in t.user_attrs]
+
+
+def unlabelled_grace(storage: optuna.storages.BaseStorage) -> float:
+    """Seconds an unlabelled trial may run before it counts as lost: the heartbeat grace period
+    of a database with heartbeats (the time a silent labelled trial gets), else UNLABELLED_GRACE_S."""
+    interval = _heartbeat_interval(storage)
+    if not interval:
+        return UNLABELLED_GRACE_S
+    rdb = getattr(storage, "_backend", storage)  # a loaded study wraps its RDBStorage in a cache
+    return getattr(rdb, "grace_period", None) or 2 * interval  # Optuna's own default when unset
+
+
+def _now() -> datetime:
+    return datetime.now()  # Optuna stamps datetime_start with the local naive clock
+
+
+def _age(trial: FrozenTrial) -> float:
+    return (_now() - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
 
 
 def _heartbeat_interval(storage: optuna.storages.BaseStorage) -> int | None:

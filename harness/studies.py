@@ -479,6 +479,7 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
     from harness.runs import run
 
     cap = job.base.train.epochs
+    faults.point("trial")
     trial.set_user_attr("worker", this_worker())
     trial.set_user_attr("epoch_cap", cap)
     trial.set_user_attr("epochs", 0)

@@ -29,7 +29,8 @@ from optuna.trial import FrozenTrial, TrialState
 from harness import faults
 from harness.errors import HarnessError, first_line
 from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, one_line_thread_errors, open_storage,
-                           pending_retries, quiet_experimental, recover, safe_url)
+                           pending_retries, quiet_experimental, recover, safe_url, unlabelled_grace,
+                           unlabelled_running)
 from harness.runs import TRAINER_KEYS, train_identity
 from harness.studies import SearchParam, TuneJob, make_objective, make_pruner, make_sampler
 
@@ -166,12 +167,23 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
     printer = _TrialPrinter(echo, prefix)
     deadline = None if job.timeout is None else time.monotonic() + job.timeout
     lost = 0  # storage calls failed in a row (a database restart, a network cut)
+    waiting_said = False
     while printer.gave_up is None:
         try:
             for number in recover(study):
                 echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
             retries = pending_retries(study)
             if not retries and (retries_only or finished_count(study) >= job.target):
+                if retries_only and (unlabelled := unlabelled_running(study)):
+                    # nobody may be left to notice these (see unlabelled_running): wait until
+                    # each is labelled by a live worker elsewhere or old enough to fail and retry
+                    if not waiting_said:
+                        echo(f"{prefix}waiting on trial(s) {', '.join(str(t.number) for t in unlabelled)}: running "
+                             f"with no worker recorded (a storage failure?); failed and retried after "
+                             f"{unlabelled_grace(storage):.0f} s without one")
+                        waiting_said = True
+                    time.sleep(1)
+                    continue
                 break
             if deadline is not None and time.monotonic() >= deadline and not retries:
                 break  # --timeout starts no new trial, but a dead worker's retry is still owed
@@ -317,8 +329,10 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         problems += [gave_up] if gave_up else []
     else:
         problems = run_worker_processes(job, lambda i: worker_argv(study.study_name, i), echo)
+    if not problems or job.workers > 1:
         # a worker killed last leaves its trial RUNNING (or its retry WAITING) with nobody left
-        # to notice: run those here, so the study is never summarised with a retry owed
+        # to notice, and a storage failure can leave a trial with no worker at all: settle those
+        # here, so the study is never summarised with a trial stranded or a retry owed
         gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True)
         problems += [gave_up] if gave_up else []
     try:

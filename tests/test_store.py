@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
@@ -129,6 +130,50 @@ def test_dead_workers_trial_is_failed_and_enqueued_again(tmp_path):
     assert retry.state == optuna.trial.TrialState.WAITING and retry.params == trials[dead.number].params
     assert retry.system_attrs["failed_trial"] == dead.number  # as RetryHeartbeatStaleTrialCallback does
     assert "worker" not in retry.user_attrs
+
+
+def test_unlabelled_trial_is_failed_once_past_the_grace_period(tmp_path, monkeypatch):
+    """A trial created just before a storage failure, never labelled nor beating: only its age
+    tells it is lost, so it is failed (and retried) after the grace period, not before."""
+    import harness.store as store
+
+    study, _ = open_study(_job(write(tmp_path, SMALL), tmp_path), open_storage(str(tmp_path / "s.journal")))
+    orphan = study.ask({"layers": optuna.distributions.IntDistribution(1, 2)})
+    started = study.get_trials()[orphan.number].datetime_start
+    monkeypatch.setattr(store, "_now", lambda: started + timedelta(seconds=store.UNLABELLED_GRACE_S - 1))
+    assert recover(study) == [] and [t.number for t in store.unlabelled_running(study)] == [orphan.number]
+    monkeypatch.setattr(store, "_now", lambda: started + timedelta(seconds=store.UNLABELLED_GRACE_S + 1))
+    assert recover(study) == [orphan.number]
+    trials = study.get_trials()
+    assert trials[orphan.number].state == STATES.FAIL
+    assert trials[orphan.number].user_attrs["fail_reason"].startswith("storage lost as the trial started")
+    assert trials[-1].state == STATES.WAITING and trials[-1].system_attrs["failed_trial"] == orphan.number
+    assert recover(study) == []  # once only
+
+
+def test_tune_settles_an_unlabelled_trial_before_its_summary(tmp_path, monkeypatch):
+    """The target is met but a trial is left RUNNING with no worker: tune waits for it to pass
+    the grace period (a clock that moves 20 s a look), fails it, runs its retry, then summarises."""
+    import harness.store as store
+
+    job = _job(write(tmp_path, SMALL), tmp_path, trials=2)
+    study, _ = open_study(job, open_storage(job.storage_url))
+    dist = {"layers": optuna.distributions.IntDistribution(1, 2)}
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(params={"layers": 1}, distributions=dist, value=0.1))
+    orphan = study.ask(dist)
+    started = study.get_trials()[orphan.number].datetime_start
+    looks = iter(range(10_000))
+    monkeypatch.setattr(store, "_now", lambda: started + timedelta(seconds=20 * next(looks)))
+    lines: list[str] = []
+    summary = tune(job, echo=lines.append)
+    trials = study.get_trials()
+    assert trials[orphan.number].state == STATES.FAIL, lines
+    assert sum(line.startswith(f"waiting on trial(s) {orphan.number}: running with no worker") for line in lines) == 1
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retries) == 1 and retries[0].state == STATES.COMPLETE, lines
+    assert not [t for t in trials if t.state in (STATES.RUNNING, STATES.WAITING)]
+    assert summary.counts == {"complete": 3, "fail": 1}, lines
 
 
 def _study_with_a_dead_siblings_trial(tmp_path: Path, target: int):
