@@ -51,6 +51,17 @@ def _row_multiple(device: torch.device, dtype: torch.dtype) -> int:
     return _ROW_MULTIPLE if device.type == "cpu" and dtype == torch.bfloat16 else 1
 
 
+def _target_nll(p_target: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p of each row's target, from the softmax the caller needs anyway for the gradient
+    (fp32 `p_target`); where that probability underflowed, from the logits' log-sum-exp."""
+    nll = -torch.log(p_target)
+    tiny = p_target < _TINY
+    if bool(tiny.any()):
+        zt = logits[tiny].float()
+        nll[tiny] = torch.logsumexp(zt, dim=1) - zt[torch.arange(zt.shape[0], device=zt.device), target[tiny]]
+    return nll
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, target, block_rows, dtype):
@@ -74,13 +85,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = hr @ wc.T if bc is None else torch.addmm(bc, hr, wc.T)
             # fp32 accumulation inside, result in z's dtype; straight into the stored gradients
             p = torch.softmax(z, dim=1) if g_all is None else torch.softmax(z, 1, out=g_all[r0:r0 + rows])
-            p_t = p[rr, tr].float()
-            loss = -torch.log(p_t)
-            tiny = p_t < _TINY  # the probability underflowed: the loss from the log-sum-exp
-            if bool(tiny.any()):
-                zt = z[tiny].float()
-                loss[tiny] = torch.logsumexp(zt, dim=1) - zt[torch.arange(zt.shape[0], device=h.device), tr[tiny]]
-            losses[r0:r0 + rows] = loss
+            losses[r0:r0 + rows] = _target_nll(p[rr, tr].float(), z, tr)
             if need_grad:
                 g = p  # d loss_row / d logits = softmax - one-hot, in place
                 g[rr, tr] -= 1
@@ -158,16 +163,8 @@ class _EnsembleObjective(torch.autograd.Function):
             rr = torch.arange(nb, device=o.device)
             z = (hb @ wc.T).float().view(nb, T, N)  # step logits z_j = o_j W^T / tau
             zm = z.mean(1)  # the ensemble's logits: the mean of the steps'
-            # CE of the ensemble, from its softmax (also its gradient); an underflowed target
-            # probability from the log-sum-exp
-            pm = torch.softmax(zm, dim=1)
-            pm_t = pm[rr, tb]
-            ce_rows = -torch.log(pm_t)
-            tiny = pm_t < _TINY
-            if bool(tiny.any()):
-                zt = zm[tiny]
-                ce_rows[tiny] = torch.logsumexp(zt, dim=1) - zt[torch.arange(zt.shape[0], device=o.device), tb[tiny]]
-            ce_sum += ce_rows.sum()
+            pm = torch.softmax(zm, dim=1)  # CE of the ensemble, from its softmax (also its gradient)
+            ce_sum += _target_nll(pm[rr, tb], zm, tb).sum()
             # pairwise KL(p_j || sg(p_i)) summed over i != j is E_{p_j}[T z_j - sum_i z_i] (the
             # log-sum-exps cancel) = T E_{p_j}[w_j] with w_j = z_j - mean_i z_i; its gradient
             # through p_j alone is T p_j (w_j - E_pj[w_j]) (the same -kl_weight / pairs scale).

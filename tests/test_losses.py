@@ -233,3 +233,20 @@ def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision):
     if precision == "bf16":
         tol["atol"] = 2e-3 * float(ref_grads[1].abs().max())
     torch.testing.assert_close(grads[1], ref_grads[1], **tol)
+
+
+def test_ensemble_objective_has_no_underflow_where_the_target_is_far_behind():
+    """The ensemble's target probability underflows fp32 (its logit ~hundreds below the best):
+    the CE still equals the float64 cross-entropy of the mean logits."""
+    from models.losses import ensemble_objective
+
+    g = torch.Generator().manual_seed(3)
+    o = torch.randn(6, 2, 8, generator=g) * 6.0
+    w = torch.randn(50, 8, generator=g) * 6.0
+    t = torch.randint(1, 50, (6,), generator=g)
+    tau = 0.1
+    mean_logits = (o.double() @ w.double().T / tau).mean(1)
+    ref = F.cross_entropy(mean_logits, t)
+    _, ce, _ = ensemble_objective(o, w, t, tau, 0.0)
+    assert float(ref) > 200 and torch.isfinite(ce)
+    assert float(ce) == pytest.approx(float(ref), rel=1e-5)
