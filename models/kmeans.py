@@ -23,9 +23,12 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096,
     """(index of the nearest centroid, squared distance to it) for every row of x. `x_sq`: the
     rows' squared norms (n, 1), when the caller has them (k-means: once, not every iteration).
 
-    The same numbers as `_sq_dist` then `min`, in place and in row chunks whose distance block
-    stays in cache (4096 x 256 fp32: 4 MiB): 3x faster on the CPU, where the elementwise passes
-    over a 64k-row block went to memory and cost five times the matmul."""
+    The same numbers as `_sq_dist` then `min` (to fp32 rounding), in row chunks whose distance
+    block stays in cache (4096 x 256 fp32: 4 MiB): 3x faster on the CPU, where the elementwise
+    passes over a 64k-row block went to memory and cost five times the matmul. A row's own
+    ||x||^2 does not change which centroid is nearest, so each block is one fused
+    ||c||^2 - 2 x.c (addmm) and the row's norm is added to the minimum only: 1.2-1.6x faster
+    again (Toys' 109k states x 256 centroids, 1 thread, CPU time: 0.085-0.117 -> 0.073 s)."""
     with torch.autocast(x.device.type, enabled=False):
         return _assign(x.float(), centroids.float(), chunk, x_sq)
 
@@ -38,10 +41,10 @@ def _assign(x, centroids, chunk, x_sq):
     dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for start in range(0, len(x), chunk):
         end = start + chunk
-        d = x[start:end] @ centroids.T
-        d.mul_(-2).add_(x_sq[start:end]).add_(c_sq).clamp_min_(0)
+        d = torch.addmm(c_sq, x[start:end], centroids.T, alpha=-2)
         torch.min(d, 1, out=(dist[start:end], idx[start:end]))
-    return idx, dist
+    # clamped: the expansion can dip below zero by rounding (min of clamped = clamp of min)
+    return idx, dist.add_(x_sq.reshape(-1)).clamp_min_(0)
 
 
 @torch.no_grad()
