@@ -154,16 +154,22 @@ class SelfAttention(nn.Module):
         y = attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
         return self.out(y.transpose(1, 2).reshape(B, L, d))
 
-    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   starts: torch.Tensor | None = None) -> torch.Tensor:
         """The causal attention's output (T, d) at the positions (rows[i], cols[i]) only: what
         `forward(x)[rows, cols]` gives, with queries made at those positions alone (keys and
-        values at every position; each query sees its row up to its column)."""
+        values at every position; each query sees its row up to its column). `starts`: packed
+        rows (`pack`), each query sees its own sequence only, from column starts[i]."""
         B, L, d = x.shape
         H, T = self.heads, rows.shape[0]
         w, b = self.qkv.weight, self.qkv.bias
         q = F.linear(x[rows, cols], w[:d], b[:d]).view(T, H, 1, d // H)
         k, v = F.linear(x, w[d:], b[d:]).view(B, L, 2, H, d // H).permute(2, 0, 3, 1, 4)
-        mask = (torch.arange(L, device=x.device)[None, :] <= cols[:, None])[:, None, None, :]
+        col = torch.arange(L, device=x.device)[None, :]
+        keep = col <= cols[:, None]
+        if starts is not None:
+            keep &= col >= starts[:, None]
+        mask = keep[:, None, None, :]
         p = self.attn_dropout if self.training else 0.0
         y = attention(q, k[rows], v[rows], attn_mask=mask, dropout_p=p)
         return self.out(y.reshape(T, d))

@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, Packed, SequentialRecommender, init_weights, last_position, pack
+from models.base import Dropout, Packed, SequentialRecommender, init_weights, pack
 from models.kmeans import assign, kmeans
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRecConfig
@@ -255,8 +255,7 @@ class ICSRec(SequentialRecommender):
         self.intents: torch.Tensor | None = None  # the same, L2-normalised: the positives
 
     # ------------------------------------------------------------------------------ encoder
-    def encode(self, items: torch.Tensor, lengths: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
-        """States of every position; `packed`: the rows hold several sequences each (`pack`)."""
+    def _embed(self, items: torch.Tensor, lengths: torch.Tensor, packed: Packed | None) -> torch.Tensor:
         if packed is None:
             L = items.shape[1]
             pos = torch.arange(L, device=items.device)[None].expand(items.shape[0], L)
@@ -266,22 +265,46 @@ class ICSRec(SequentialRecommender):
         if self.cfg.positions_from_end:
             pos = pos + (self.cfg.max_len - seq_len)
         pos = pos.clamp(0, self.cfg.max_len - 1)  # only padding (or over-long rows) is clamped
-        x = self.emb_drop(self.emb_ln(self.item_emb(items) + self.pos_emb(pos)))
+        return self.emb_drop(self.emb_ln(self.item_emb(items) + self.pos_emb(pos)))
+
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """States of every position; `packed`: the rows hold several sequences each (`pack`).
+        Training and scoring read only each sequence's last state (`encode_last`); this full pass
+        is the reference that one is tested against."""
+        x = self._embed(items, lengths, packed)
         mask = None if packed is None else packed.mask
         for block in self.blocks:
             x = block(x, attn_mask=mask)
         return x
 
+    def encode_last(self, items: torch.Tensor, lengths: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """Each sequence's state after its last item: `encode` read there, with the last block
+        run at those positions alone (`PostLNBlock.forward_at`). Why: every term of ICSRec reads
+        only these states, and Toys' histories are a few items long, so the last block's FFN,
+        LayerNorms and queries at the other positions were over half of that block's work."""
+        x = self._embed(items, lengths, packed)
+        if packed is None:
+            rows, cols, starts = torch.arange(items.shape[0], device=items.device), lengths - 1, None
+        else:
+            rows, cols = packed.last_row, packed.last_col
+            starts = cols - lengths + 1
+        if not self.blocks:
+            return x[rows, cols]
+        mask = None if packed is None else packed.mask
+        for block in self.blocks[:-1]:
+            x = block(x, attn_mask=mask)
+        return self.blocks[-1].forward_at(x, rows, cols, starts)
+
     def user_vector(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return last_position(self.encode(items, lengths), lengths)
+        return self.encode_last(items, lengths)
 
     def last_states(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`user_vector` of every row, in one pass over the rows packed side by side (`pack`):
         the partners come from anywhere, so their lengths are unrelated to the batch's (which the
         trainer buckets); packed, ~98% of the encoded tokens are real. The same states as one
-        row each (tested against `last_states_by_length`)."""
+        row each (tested against `last_states_by_length` and the full `encode`)."""
         packed = pack(items, lengths)
-        return self.encode(packed.items, lengths, packed)[packed.last_row, packed.last_col]
+        return self.encode_last(packed.items, lengths, packed)
 
     def last_states_by_length(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`user_vector` of every row, computed over `_LENGTH_GROUPS` groups of rows of similar

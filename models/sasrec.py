@@ -43,11 +43,13 @@ class PostLNBlock(nn.Module):
         x = self.ln1(x + self.drop(self.attn(x, causal=key_mask is None, key_mask=key_mask, attn_mask=attn_mask)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
-    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   starts: torch.Tensor | None = None) -> torch.Tensor:
         """The causal block's output (T, d) at the positions (rows[i], cols[i]) only:
         `forward(x)[rows, cols]`, with the FFN, LayerNorms and attention queries computed there
-        alone (nothing at a position depends on later positions' outputs of the same block)."""
-        x = self.ln1(x[rows, cols] + self.drop(self.attn.forward_at(x, rows, cols)))
+        alone (nothing at a position depends on later positions' outputs of the same block).
+        `starts`: packed rows, as `SelfAttention.forward_at`."""
+        x = self.ln1(x[rows, cols] + self.drop(self.attn.forward_at(x, rows, cols, starts)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
