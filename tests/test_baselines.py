@@ -236,6 +236,46 @@ def test_rearec_cache_matches_full_recomputation():
     assert o.shape == (1, 4, 64)
 
 
+def _reason_by_full_passes(model, items, lengths):
+    """ReaRec's step outputs the straightforward way: every row alone, every step a full causal
+    pass over [history, r_1..r_k] through every block at every position."""
+    K, rows = model.cfg.reason_steps, []
+    for b in range(items.shape[0]):
+        n = int(lengths[b])
+        x = model.item_emb(items[b:b + 1, :n]) + model.pos_emb(torch.arange(n))[None]
+        outs = []
+        for k in range(K + 1):
+            if k:
+                x = torch.cat([x, (outs[-1] + model.reason_pos_emb.weight[k - 1])[:, None]], dim=1)
+            h = model.emb_ln(x)
+            for block in model.blocks:
+                h = block(h)
+            outs.append(h[:, -1])
+        rows.append(torch.stack(outs, dim=1))
+    return torch.cat(rows)
+
+
+def test_rearec_reasoning_equals_full_passes_in_states_and_gradients():
+    """With keys/values cached, a batch of padded rows of mixed lengths gives the step outputs
+    and gradients of full passes, row by row."""
+    torch.manual_seed(0)
+    cfg = ReaRecERLConfig(max_len=MAX_LEN, reason_steps=2, dropout=0.0, attn_dropout=0.0, emb_dropout=0.0)
+    model = ReaRecERL(cfg, N_ITEMS).train()
+    items = torch.tensor([[4, 9, 2, 7, 3], [5, 1, 0, 0, 0], [8, 0, 0, 0, 0], [2, 6, 9, 0, 0]])
+    lengths = torch.tensor([5, 2, 1, 3])
+    params = [p for p in model.parameters()]
+    o, _ = model.reason(items, lengths)
+    r = torch.randn_like(o)  # a projection: post-LN outputs have a constant norm
+    got = torch.autograd.grad((o * r).sum(), params, allow_unused=True)
+    ref = _reason_by_full_passes(model, items, lengths)
+    want = torch.autograd.grad((ref * r).sum(), params, allow_unused=True)
+    torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
 def test_erl_kl_term(data):
     batch = first_batch(data, "prefix")
     model = build("rearec-erl", seed=3)
