@@ -70,10 +70,8 @@ def open_storage(url: str | None, heartbeat: int | None = None, retry: bool = Tr
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat}
-        if retry:
-            with quiet_experimental():
-                kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY)
+        if retry:  # Optuna's RetryHeartbeatStaleTrialCallback, but once per trial (see requeue)
+            kwargs["heartbeat_stale_trial_callback"] = requeue
     # pre-ping: a connection the server dropped (a restart) is replaced instead of failing the call
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if scheme.startswith("postgresql"):
@@ -246,11 +244,16 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """The WAITING copy RetryHeartbeatStaleTrialCallback makes (same system attrs, so both
-    storages record a retry the same way), without the dead trial's user attrs. False once a
-    trial has been retried MAX_RETRY times."""
+    """The WAITING copy Optuna's RetryHeartbeatStaleTrialCallback makes (same system attrs, so
+    every path records a retry the same way), without the dead trial's user attrs. Also the
+    storage's stale-heartbeat callback. False once a trial has been retried MAX_RETRY times, or
+    when it already has its retry: a trial cut off by a database restart can be found both by
+    its own worker (`make_objective`) and by another's heartbeat check, and must run once."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     if len(history) > MAX_RETRY:
+        return False
+    if any((t.system_attrs.get("retry_history") or [None])[-1] == trial.number
+           for t in study.get_trials(deepcopy=False)):
         return False
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,

@@ -1,6 +1,6 @@
 """`harness tune --storage postgresql://...` against a real, throwaway PostgreSQL server: two
 workers on one study, one killed with SIGKILL mid-trial; its trial is failed by its stale
-heartbeat and retried (RetryHeartbeatStaleTrialCallback), and the study completes.
+heartbeat and retried once (the storage's stale-trial callback, `store.requeue`), and the study completes.
 
 The server is conftest's `postgres_url` (skipped, with the reason, when the PostgreSQL
 binaries or the psycopg2 client are absent; `.ci/run` installs both)."""

@@ -20,7 +20,7 @@ from harness.errors import HarnessError
 from harness.locks import FileLock
 from harness.runs import RunSpec
 from harness.store import (open_storage, pending_retries, process_alive, recover, repair_torn_journal,
-                           this_worker)
+                           requeue, this_worker)
 from harness.studies import TuneJob, load_study_file
 from harness.tune import open_study, run_worker, tune
 
@@ -130,6 +130,8 @@ def test_dead_workers_trial_is_failed_and_enqueued_again(tmp_path):
     assert retry.state == optuna.trial.TrialState.WAITING and retry.params == trials[dead.number].params
     assert retry.system_attrs["failed_trial"] == dead.number  # as RetryHeartbeatStaleTrialCallback does
     assert "worker" not in retry.user_attrs
+    assert not requeue(study, trials[dead.number])  # found again (another path): still one retry
+    assert len([t for t in study.get_trials() if t.system_attrs.get("failed_trial") == dead.number]) == 1
 
 
 def test_unlabelled_trial_is_failed_once_past_the_grace_period(tmp_path, monkeypatch):
