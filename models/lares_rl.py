@@ -46,6 +46,17 @@ Where this differs from the port, and why:
 - Log-probabilities and rewards are computed in fp32 outside any autocast: the ratio and KL are
   differences of nearly equal log-probabilities, and bf16 scores would tie in the top 10.
 - Adam (the shared trainer), not AdamW; history length 50 (the protocol).
+
+How it is computed (the same numbers as the straightforward way, to fp32 rounding; tested):
+- The reference runs once per batch, at the deepest of the G rollouts' depths, and each
+  rollout reads its leading steps. Exact: in eval mode the reference has no dropout and one
+  fixed starting state, so its step t is the same for every rollout, whatever the depth.
+- Target log-probabilities come from `target_log_probs`: the (steps x samples x items) fp32
+  logits are made block by block, each block's softmax (the log-probability is the log of its
+  target entry, or from the log-sum-exp where that underflows) and (for the final step) the
+  target's rank taken while it is in cache, so they never go through autograd (whose
+  logsumexp kept the logits, re-read them and wrote a second matrix in its backward). The policy
+  keeps the softmax for its backward; the reference keeps nothing.
 """
 from __future__ import annotations
 
@@ -55,6 +66,7 @@ import torch
 
 from models.base import SequentialRecommender
 from models.lares import LARES, LARESConfig
+from models.losses import _target_nll
 
 REWARDS = ("recall", "ndcg")
 
@@ -74,16 +86,80 @@ class LARESGRPOConfig(LARESConfig):
         return LARESConfig(**{f.name: getattr(self, f.name) for f in fields(LARESConfig)})
 
 
-def ranking_reward(scores: torch.Tensor, target: torch.Tensor, k: int, metric: str) -> torch.Tensor:
-    """Reward per row from scores (R, n_items + 1) (column 0 is padding, never ranked): the
-    target's pessimistic 0-based rank r among the items; hit@k = [r < k], NDCG@k = [r < k] /
-    log2(r + 2)."""
+def pessimistic_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The target's 0-based rank among the items (column 0 is padding, never ranked), ties
+    counted against it."""
     s = scores.float()
-    rank = (s[:, 1:] >= s.gather(1, target[:, None])).sum(1) - 1
+    return (s[:, 1:] >= s.gather(1, target[:, None])).sum(1) - 1
+
+
+def rank_reward(rank: torch.Tensor, k: int, metric: str) -> torch.Tensor:
+    """hit@k = [r < k], NDCG@k = [r < k] / log2(r + 2) of 0-based ranks r."""
     hit = rank < k
     if metric == "recall":
         return hit.float()
     return torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0)
+
+
+def ranking_reward(scores: torch.Tensor, target: torch.Tensor, k: int, metric: str) -> torch.Tensor:
+    """Reward per row from scores (R, n_items + 1): the target's pessimistic rank, as hit@k or
+    NDCG@k (`rank_reward`)."""
+    return rank_reward(pessimistic_rank(scores, target), k, metric)
+
+
+_BLOCK_BYTES = 8 << 20  # fp32 logits of one row block: its log-sum-exp and softmax stay in cache
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, target, rank_from, block_rows):
+        R, V = h.shape[0], w.shape[0]
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        lp = torch.empty(R, dtype=torch.float32, device=h.device)
+        rank = torch.empty(R - rank_from, dtype=torch.long, device=h.device)
+        probs = torch.empty(R, V, dtype=torch.float32, device=h.device) if keep else None
+        rows = max(1, block_rows or _BLOCK_BYTES // (4 * max(V, 1)))
+        for r0 in range(0, R, rows):
+            r1 = min(R, r0 + rows)
+            z = h[r0:r1] @ w.T
+            tr = target[r0:r1]
+            if r1 > rank_from:  # the final step's rows: the target's pessimistic rank
+                a = max(r0, rank_from)
+                zt = z[a - r0:].gather(1, tr[a - r0:, None])
+                rank[a - rank_from:r1 - rank_from] = (z[a - r0:, 1:] >= zt).sum(1) - 1
+            # one exp pass: the softmax the backward needs, its target entry the log-probability
+            p = torch.softmax(z, 1, out=probs[r0:r1]) if keep else torch.softmax(z, 1)
+            lp[r0:r1] = -_target_nll(p[torch.arange(r1 - r0, device=h.device), tr], z, tr)
+        if keep:
+            ctx.save_for_backward(h, w, target)
+            ctx.probs = probs
+        ctx.mark_non_differentiable(rank)
+        return lp, rank
+
+    @staticmethod
+    def backward(ctx, grad_lp, _grad_rank):
+        h, w, target = ctx.saved_tensors
+        # d lp_r / d z_r = onehot(target_r) - softmax(z_r), times the row's incoming gradient;
+        # written over the kept softmax (a backward runs once: the graph is not retained)
+        g, ctx.probs = ctx.probs, None
+        g.mul_(-grad_lp[:, None])
+        g[torch.arange(g.shape[0], device=g.device), target] += grad_lp
+        grad_h = g @ w if ctx.needs_input_grad[0] else None
+        grad_w = g.T @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None
+
+
+def target_log_probs(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, rank_from: int | None = None,
+                     block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(h @ w.T)[target] per row, (R,), in fp32 outside any autocast, and the
+    pessimistic rank of the target (`pessimistic_rank`) for rows `rank_from`.. (none by default):
+    what `(z.gather(1, target) - z.logsumexp(1), pessimistic_rank(z[rank_from:], ...))` of
+    `z = h @ w.T` gives, without the (R x items) logits in autograd (see the module docstring).
+    `block_rows` fixes the row block (tests)."""
+    R = h.shape[0]
+    rank_from = R if rank_from is None else rank_from
+    with torch.autocast(h.device.type, enabled=False):
+        return _TargetLogProbs.apply(h.float(), w.float(), target, rank_from, block_rows)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -101,11 +177,21 @@ def step_log_probs(model: LARES, steps: torch.Tensor, target: torch.Tensor) -> t
     return lp, z[-1]
 
 
+def step_terms(model: LARES, steps: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`step_log_probs` fused (`target_log_probs`): (T, N) target log-probabilities and the
+    target's pessimistic rank by the final step's scores (N,), instead of those scores."""
+    T, N, d = steps.shape
+    with torch.autocast(steps.device.type, enabled=False):
+        h, w = model.output(steps.float())
+        lp, rank = target_log_probs(h.reshape(T * N, -1), w, target.repeat(T), rank_from=(T - 1) * N)
+    return lp.view(T, N), rank
+
+
 def rollout_terms(model: LARES, steps: torch.Tensor, target: torch.Tensor, k: int,
                   metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-step target log-probabilities (T, N), reward (N,) from the final step's ranking)."""
-    lp, final = step_log_probs(model, steps, target)
-    return lp, ranking_reward(final.detach(), target, k, metric)
+    lp, rank = step_terms(model, steps, target)
+    return lp, rank_reward(rank, k, metric)
 
 
 def grpo_loss(lps: list[torch.Tensor], ref_lps: list[torch.Tensor], adv: torch.Tensor,
@@ -169,17 +255,18 @@ class LARESGRPO(SequentialRecommender):
         cfg = self.cfg
         has_target = batch.targets > 0
         target = batch.targets[has_target]
-        lps, ref_lps, rewards = [], [], []
+        depths, lps, rewards = [], [], []
         for _ in range(cfg.group_size):
             depth = self.policy.sample_depth()
             steps = self.policy.reason(self.policy.pre_block(batch.items), depth)[:, has_target]
             lp, reward = rollout_terms(self.policy, steps, target, cfg.reward_k, cfg.reward_metric)
-            with torch.no_grad():
-                ref_steps = self.reference.reason(self.reference.pre_block(batch.items), depth)[:, has_target]
-                ref_lp, _ = step_log_probs(self.reference, ref_steps, target)
+            depths.append(depth)
             lps.append(lp)
-            ref_lps.append(ref_lp)
             rewards.append(reward)
+        with torch.no_grad():  # one pass: step t of the reference is the same in every rollout
+            ref_steps = self.reference.reason(self.reference.pre_block(batch.items), max(depths))[:, has_target]
+            ref_all, _ = step_terms(self.reference, ref_steps, target)
+        ref_lps = [ref_all[:d] for d in depths]
         rewards_t = torch.stack(rewards)
         loss, kl = grpo_loss(lps, ref_lps, group_advantages(rewards_t, cfg.adv_eps), cfg.beta)
         return {"loss": loss, "reward": rewards_t.mean(), "kl": kl}

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import models
 from harness.data.split import Batch, LeaveOneOut
 from models.lares import LARES, LARESConfig, align, pack
-from models.lares_rl import (LARESGRPO, LARESGRPOConfig, group_advantages, grpo_loss, ranking_reward,
-                             rollout_terms)
+from models.lares_rl import (LARESGRPO, LARESGRPOConfig, group_advantages, grpo_loss, pessimistic_rank,
+                             ranking_reward, rollout_terms, step_log_probs, target_log_probs)
 from helpers import achievable_accuracy
 
 N_ITEMS = 40
@@ -465,6 +465,74 @@ def test_both_stages_overfit_a_tiny_batch(fitted_stage1):
     with torch.no_grad():
         hits = (model.policy.encode(batch.items)[has] @ model.policy.item_emb.weight.T).argmax(-1) == batch.targets[has]
     assert hits.float().mean() >= achievable_accuracy(batch) - 0.05
+
+
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_target_log_probs_are_the_log_softmax_at_the_target(block_rows):
+    """The fused log-probabilities, ranks and gradients are those of the plain computation."""
+    torch.manual_seed(0)
+    R, V, d = 11, N_ITEMS + 1, 8
+    h = (2 * torch.randn(R, d)).requires_grad_()
+    w = torch.randn(V, d).requires_grad_()
+    target = torch.randint(1, V, (R,))
+    target[0] = 0  # a column-0 target still gets its log-probability
+    with torch.no_grad():  # a row whose target's probability underflows in fp32 (log-sum-exp path)
+        target[1] = 4
+        h[1] = 60 * (w[3] - w[4])
+    g = torch.randn(R)
+    lp, rank = target_log_probs(h, w, target, rank_from=7, block_rows=block_rows)
+    (lp * g).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad, w.grad = None, None
+    z = h @ w.T
+    want = z.log_softmax(1).gather(1, target[:, None]).squeeze(1)
+    (want * g).sum().backward()
+    assert torch.allclose(lp, want, atol=1e-6, rtol=1e-6) and lp[1] < -150
+    assert torch.equal(rank, pessimistic_rank(z[7:].detach(), target[7:]))
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+    with torch.no_grad():  # the reference's use: nothing kept for a backward
+        lp2, rank2 = target_log_probs(h, w, target)
+    assert torch.allclose(lp2, want, atol=1e-6) and rank2.numel() == 0
+
+
+def straightforward_stage2_loss(model: LARESGRPO, batch: Batch) -> torch.Tensor:
+    """Stage 2's loss as the port's trainer computes it: per rollout, the policy's steps, its
+    plain (autograd) log-probabilities and the final step's scores, and the reference run again
+    at that rollout's depth."""
+    cfg = model.cfg
+    has_target = batch.targets > 0
+    target = batch.targets[has_target]
+    lps, ref_lps, rewards = [], [], []
+    for _ in range(cfg.group_size):
+        depth = model.policy.sample_depth()
+        steps = model.policy.reason(model.policy.pre_block(batch.items), depth)[:, has_target]
+        lp, final = step_log_probs(model.policy, steps, target)
+        with torch.no_grad():
+            ref_steps = model.reference.reason(model.reference.pre_block(batch.items), depth)[:, has_target]
+            ref_lps.append(step_log_probs(model.reference, ref_steps, target)[0])
+        lps.append(lp)
+        rewards.append(ranking_reward(final.detach(), target, cfg.reward_k, cfg.reward_metric))
+    return grpo_loss(lps, ref_lps, group_advantages(torch.stack(rewards), cfg.adv_eps), cfg.beta)[0]
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cos"])
+def test_stage2_loss_and_gradients_are_the_straightforward_ones(data, similarity):
+    """One reference pass at the deepest rollout's depth and the fused log-probabilities give
+    the loss and gradients of the per-rollout computation (the same random draws)."""
+    model = build_grpo(seed=3, group_size=4, similarity=similarity, temperature=0.5)
+    batch = first_batch(data)
+    results = []
+    for compute in (lambda: model.loss(batch)["loss"], lambda: straightforward_stage2_loss(model, batch)):
+        model.zero_grad()
+        torch.manual_seed(9)  # the same depths, dropout masks and starting states
+        loss = compute()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.policy.parameters() if p.grad is not None]))
+    (loss, grads_), (want, want_grads) = results
+    assert torch.allclose(loss, want, rtol=1e-5, atol=1e-7)
+    assert len(grads_) == len(want_grads) > 0
+    for a, b in zip(grads_, want_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_stage2_deterministic_with_a_seed(data):
