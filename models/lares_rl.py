@@ -66,7 +66,7 @@ import torch
 
 from models.base import SequentialRecommender
 from models.lares import LARES, LARESConfig
-from models.losses import _target_nll
+from models.losses import _block_rows, _target_nll
 
 REWARDS = ("recall", "ndcg")
 
@@ -107,9 +107,6 @@ def ranking_reward(scores: torch.Tensor, target: torch.Tensor, k: int, metric: s
     return rank_reward(pessimistic_rank(scores, target), k, metric)
 
 
-_BLOCK_BYTES = 8 << 20  # fp32 logits of one row block: its log-sum-exp and softmax stay in cache
-
-
 class _TargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, target, rank_from, block_rows):
@@ -118,7 +115,7 @@ class _TargetLogProbs(torch.autograd.Function):
         lp = torch.empty(R, dtype=torch.float32, device=h.device)
         rank = torch.empty(R - rank_from, dtype=torch.long, device=h.device)
         probs = torch.empty(R, V, dtype=torch.float32, device=h.device) if keep else None
-        rows = max(1, block_rows or _BLOCK_BYTES // (4 * max(V, 1)))
+        rows = _block_rows(R, V, block_rows)  # the fused CE's row blocks: a block's softmax stays in cache
         for r0 in range(0, R, rows):
             r1 = min(R, r0 + rows)
             z = h[r0:r1] @ w.T
