@@ -175,6 +175,36 @@ class SelfAttention(nn.Module):
         return self.out(y.reshape(T, d))
 
 
+    def forward_prefixed(self, xp: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
+                         cols: torch.Tensor | None = None) -> torch.Tensor:
+        """The causal attention over rows that all begin with the same k tokens `xp` (1, k, d),
+        at the positions of `x` (B, L, d) that follow them: `forward(cat([xp.expand(B, k, d), x],
+        1))[:, k:]`, with the prefix's keys and values made once (not once per row). With
+        `rows`/`cols`: at those positions of `x` only (T, d), as `forward_at`. No attention
+        dropout (the caller is in eval mode: rows sharing a prefix would share its masks)."""
+        B, L, d = x.shape
+        H, k = self.heads, xp.shape[1]
+        w, b = self.qkv.weight, self.qkv.bias
+        kp, vp = F.linear(xp, w[d:], b[d:]).view(1, k, 2, H, d // H).permute(2, 0, 3, 1, 4)
+        if rows is None:
+            q, kx, vx = self.qkv(x).view(B, L, 3, H, d // H).permute(2, 0, 3, 1, 4)
+            qcol = torch.arange(L, device=x.device)[None, :]  # (1, L): every row alike
+        else:
+            q = F.linear(x[rows, cols], w[:d], b[:d]).view(rows.shape[0], H, 1, d // H)
+            kx, vx = F.linear(x, w[d:], b[d:]).view(B, L, 2, H, d // H).permute(2, 0, 3, 1, 4)
+            kx, vx, qcol = kx[rows], vx[rows], cols[:, None]  # (T, 1)
+        n = q.shape[0]
+        keys = torch.cat([kp.expand(n, -1, -1, -1), kx], dim=2)
+        values = torch.cat([vp.expand(n, -1, -1, -1), vx], dim=2)
+        col = torch.arange(L, device=x.device)
+        seen = torch.cat([torch.ones(*qcol.shape, k, dtype=torch.bool, device=x.device),
+                          col <= qcol[..., None]], dim=-1)  # (1 or T, Lq, k + L): all the prefix, causal after it
+        y = attention(q, keys, values, attn_mask=seen[:, None])
+        if rows is None:
+            return self.out(y.transpose(1, 2).reshape(B, L, d))
+        return self.out(y.reshape(rows.shape[0], d))
+
+
 class CrossAttention(nn.Module):
     """Queries from the sequence, keys and values from a short set of context vectors."""
 

@@ -17,8 +17,12 @@ Pieces:
   at the last item.
 - Only what is read is computed: the IDR's last layer runs its self-attention queries, FFN and
   LayerNorm at the last item alone, and the LID's last block at the m intent positions alone
-  (`forward_at`, `encode_inputs_at`). The same h_u and T_1 as the full passes (tested); in the
+  (`forward_at`, `encode_prefixed_at`). The same h_u and T_1 as the full passes (tested); in the
   "prefix" layout most positions of a row are nobody's output, so this halves those layers.
+  The k prefix tokens come first in every row and see only each other, and the frozen encoder
+  applies no dropout, so their states are the same in every row: they run through the encoder
+  once per batch, their keys and values shared by every row's attention (tested against the
+  plain pass over [prefix | items | intents] per row).
 - Dropout on the attention weights: the self-attention takes `attn_dropout` (0.5, SASRec's
   recipe: 2-50 keys per query); the cross-attention has its own `cross_dropout`, default 0.0.
   Why: its keys are the m = 1..5 intents, so dropping attention weights drops whole intents
@@ -89,18 +93,18 @@ class LatentIntentDistiller(nn.Module):
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Raw intents T_1, (B, m, d_l)."""
         B, L = items.shape
-        k, m = self.k, self.m
-        x = torch.cat([self.prefix.expand(B, k, -1), self.encoder.item_inputs(items),
-                       self.intent.expand(B, m, -1)], dim=1)
+        m = self.m
+        x = torch.cat([self.encoder.item_inputs(items), self.intent.expand(B, m, -1)], dim=1)
         # place the intents right after each row's last item: [prefix | items | intents | pad]
-        p = torch.arange(k + L + m, device=items.device)[None]
-        end = k + lengths[:, None]
-        src = torch.where(p < end, p, torch.where(p < end + m, p + L - lengths[:, None], p - m))
+        p = torch.arange(L + m, device=items.device)[None]
+        end = lengths[:, None]
+        src = torch.where(p < end, p, torch.where(p < end + m, p + L - end, p - m))
         x = x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
-        # the encoder's last block at the m intent positions only: nothing else is read
+        # the encoder's last block at the m intent positions only: nothing else is read; the k
+        # prefix tokens, the same in every row and seeing only each other, run through it once
         at = end + torch.arange(m, device=items.device)[None]
         rows = torch.arange(B, device=items.device).repeat_interleave(m)
-        return self.encoder.encode_inputs_at(x, rows, at.flatten()).view(B, m, -1)
+        return self.encoder.encode_prefixed_at(self.prefix[None], x, rows, at.flatten()).view(B, m, -1)
 
 
 class DualAttentionLayer(nn.Module):
@@ -162,16 +166,21 @@ class IGRSR(SequentialRecommender):
             return None
         return self.projection(self.lid(items, lengths))
 
-    def reason(self, items: torch.Tensor, lengths: torch.Tensor, intents: torch.Tensor | None) -> torch.Tensor:
-        """The IDR: h_u (B, d) for each row given its (possibly masked) intents."""
-        if intents is not None and self.cfg.fusion == "concat":
+    def reason(self, items: torch.Tensor, lengths: torch.Tensor, intents: torch.Tensor | None,
+               views: int = 1) -> torch.Tensor:
+        """The IDR: h_u (views * B, d) for each row given its (possibly masked) intents, with
+        `views` copies of the B rows (ICR's views: intents (views * B, m, d), view-major). The
+        embeddings' LayerNorm, the same for every view, is computed once; each copy then draws
+        its own dropout mask, as `views` separate rows would."""
+        if intents is not None and self.cfg.fusion == "concat":  # the intents are tokens: one row per view
+            items, lengths, views = items.repeat(views, 1), lengths.repeat(views) + intents.shape[1], 1
             x = torch.cat([intents, self.item_emb(items)], dim=1)
-            lengths = lengths + intents.shape[1]
             intents = None
         else:
             x = self.item_emb(items)
         x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))[None]
-        h = self.emb_drop(self.emb_ln(x))
+        h = self.emb_drop(self.emb_ln(x).repeat(views, 1, 1))
+        lengths = lengths.repeat(views)
         for layer in self.layers[:-1]:
             h = layer(h, intents)
         # only h_u is read: the last layer runs at each row's last item alone
@@ -186,7 +195,7 @@ class IGRSR(SequentialRecommender):
         B = items.shape[0]
         # both masked views in one pass over a doubled batch
         views = torch.cat([dropout(t_d, self.cfg.p_mask), dropout(t_d, self.cfg.p_mask)])
-        h = self.reason(items.repeat(2, 1), lengths.repeat(2), views)
+        h = self.reason(items, lengths, views, views=2)
         ce = linear_cross_entropy(h, W, target.repeat(2))
         cl = info_nce(h[:B], h[B:], self.cfg.tau)
         return {"loss": ce + self.cfg.cl_weight * cl, "ce": ce.detach(), "cl": cl.detach()}

@@ -53,6 +53,22 @@ class PostLNBlock(nn.Module):
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
+    def forward_prefixed(self, xp: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
+                         cols: torch.Tensor | None = None):
+        """The block over rows that all begin with the same k tokens `xp` (1, k, d), in eval mode:
+        `forward(cat([xp.expand(B, k, d), x], 1))` as (its prefix part (1, k, d), the rest (B, L, d)),
+        the prefix computed once (causal: it sees only itself, so it is the same in every row).
+        With `rows`/`cols`: the rest at those positions only (T, d), and no prefix part."""
+        if self.training:
+            raise RuntimeError("forward_prefixed shares the prefix across rows: eval mode only (no dropout)")
+        y = self.attn.forward_prefixed(xp, x, rows, cols)
+        if rows is not None:
+            x = self.ln1(x[rows, cols] + y)
+            return self.ln2(x + self.ffn(x))
+        x = self.ln1(x + y)
+        return self.forward(xp), self.ln2(x + self.ffn(x))
+
+
 class SASRec(NextItemModel):
 
     def __init__(self, cfg: SASRecConfig, n_items: int):
@@ -92,6 +108,21 @@ class SASRec(NextItemModel):
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1].forward_at(x, rows, cols)
+
+    def encode_prefixed_at(self, xp: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                           cols: torch.Tensor) -> torch.Tensor:
+        """`encode_inputs_at(cat([xp.expand(B, k, d), x], 1), rows, cols + k)` (T, d) for rows
+        that all begin with the same k input tokens `xp` (1, k, d), in eval mode: the shared
+        prefix runs through the blocks once, not once per row (IGR-SR's frozen LID, whose k
+        learned prefix tokens come first in every row and see only each other)."""
+        if self.training:
+            raise RuntimeError("encode_prefixed_at shares the prefix across rows: eval mode only (no dropout)")
+        if not self.blocks or xp.shape[1] == 0:
+            return self.encode_inputs_at(torch.cat([xp.expand(x.shape[0], -1, -1), x], 1), rows, cols + xp.shape[1])
+        xp, x = self.emb_ln(xp), self.emb_ln(x)
+        for block in self.blocks[:-1]:
+            xp, x = block.forward_prefixed(xp, x)
+        return self.blocks[-1].forward_prefixed(xp, x, rows, cols)
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         """CE at every position with a target, as `NextItemModel.loss`; the last block runs only

@@ -130,6 +130,43 @@ def test_lid_longer_than_position_table_and_padding_invariant():
     assert torch.allclose(alone[0], together[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lid_shared_prefix_gives_the_concatenated_pass(k, precision):
+    """The LID runs its k prefix tokens (the same in every row, seeing only each other) through
+    the frozen encoder once: the intents and the prefix/intent gradients of the plain pass over
+    [prefix | items | intents | pad] in every row, read at the intents."""
+    torch.manual_seed(0)
+    enc = lid_encoder(d_l=16)
+    lid = LatentIntentDistiller(enc, k=k, m=3)
+    with torch.no_grad():
+        lid.prefix.normal_()
+        lid.intent.normal_()
+    lengths = torch.tensor([1, 12, 5, 7, 3, 12, 9])
+    B, L, m = len(lengths), 12, 3
+    items = torch.randint(1, N_ITEMS + 1, (B, L)) * (torch.arange(L)[None] < lengths[:, None])
+
+    def concatenated():
+        x = torch.cat([lid.prefix.expand(B, k, -1), enc.item_inputs(items), lid.intent.expand(B, m, -1)], 1)
+        rows = [torch.cat([x[i, :k + n], x[i, k + L:], x[i, k + n:k + L]]) for i, n in enumerate(lengths.tolist())]
+        at = k + lengths[:, None] + torch.arange(m)[None]
+        return enc.encode_inputs(torch.stack(rows))[torch.arange(B)[:, None], at]
+
+    params = [lid.prefix, lid.intent][(k == 0):]
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        a, b = lid(items, lengths), concatenated()
+    probe = torch.randn(a.shape)  # not a's squared norm: the last LayerNorm fixes that
+    ga = torch.autograd.grad((a.float() * probe).sum(), params)
+    gb = torch.autograd.grad((b.float() * probe).sum(), params)
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * float(y.abs().max()))
+    enc.train()  # sharing the prefix's dropout masks across rows would be another computation
+    with pytest.raises(RuntimeError, match="eval mode only"):
+        enc.encode_prefixed_at(lid.prefix[None], enc.item_inputs(items), torch.arange(B), lengths - 1)
+
+
 @pytest.mark.parametrize("name,params", ALL)
 def test_overfits_a_tiny_batch(data, name, params):
     torch.manual_seed(0)
@@ -236,8 +273,9 @@ def test_sasrec_last_block_at_targets_gives_the_full_pass_states_and_gradients(d
 
 @pytest.mark.parametrize("fusion", ["cross", "concat"])
 def test_igr_sr_last_layers_at_read_positions_give_the_full_pass_loss_and_gradients(data, fusion, monkeypatch):
-    """IGR-SR runs the IDR's last layer at each row's last item and the LID's last block at the
-    intent positions only: the same loss and gradients as the full passes read there."""
+    """IGR-SR runs the IDR's last layer at each row's last item, the LID's last block at the
+    intent positions only and the LID's shared prefix once: the same loss and gradients as the
+    full passes read there."""
     from models.igr_sr import DualAttentionLayer
 
     torch.manual_seed(0)
@@ -248,7 +286,8 @@ def test_igr_sr_last_layers_at_read_positions_give_the_full_pass_loss_and_gradie
     params = [p for p in model.parameters() if p.requires_grad]
     a = model.loss(batch)["loss"]
     ga = torch.autograd.grad(a, params)
-    monkeypatch.setattr(SASRec, "encode_inputs_at", lambda self, x, r, c: self.encode_inputs(x)[r, c])
+    monkeypatch.setattr(SASRec, "encode_prefixed_at", lambda self, xp, x, r, c: self.encode_inputs(
+        torch.cat([xp.expand(x.shape[0], -1, -1), x], 1))[r, c + xp.shape[1]])
     monkeypatch.setattr(DualAttentionLayer, "forward_at",
                         lambda self, h, t, c: self(h, t)[torch.arange(h.shape[0]), c])
     b = model.loss(batch)["loss"]
