@@ -155,54 +155,75 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, L, d))
 
     def forward_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   starts: torch.Tensor | None = None) -> torch.Tensor:
+                   starts: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """The causal attention's output (T, d) at the positions (rows[i], cols[i]) only: what
         `forward(x)[rows, cols]` gives, with queries made at those positions alone (keys and
         values at every position; each query sees its row up to its column). `starts`: packed
-        rows (`pack`), each query sees its own sequence only, from column starts[i]."""
+        rows (`pack`), each query sees its own sequence only, from column starts[i]. `prefix`
+        (1, k, d): every row begins with these k tokens, not in `x` and seen by every query
+        (their keys and values made once; see `forward_prefixed`).
+
+        Where rows have few queries each (B * Q <= 2T for at most Q per row: IGR-SR's one per
+        row, SASRec's targets in long windows, the LID's m intents), a row's queries are set side
+        by side, (B, Q, d), and attend to their own row's keys, instead of each query to a copy
+        of its row's keys, whose backward (an accumulating scatter of T copies of (L, d)) cost
+        more than the attention. Packed rows (`starts`) hold many short sequences, each with a
+        query: there the copies cost less than Q mostly masked slots per row. With one query per
+        row in row order the two draw the same attention dropout mask."""
         B, L, d = x.shape
         H, T = self.heads, rows.shape[0]
         w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[rows, cols], w[:d], b[:d]).view(T, H, 1, d // H)
+        slot, Q = _slots(rows, B)
+        grouped = B * Q <= 2 * T
+        qt = F.linear(x[rows, cols], w[:d], b[:d])
         k, v = F.linear(x, w[d:], b[d:]).view(B, L, 2, H, d // H).permute(2, 0, 3, 1, 4)
-        col = torch.arange(L, device=x.device)[None, :]
+        col = torch.arange(L, device=x.device)
         keep = col <= cols[:, None]
         if starts is not None:
             keep &= col >= starts[:, None]
-        mask = keep[:, None, None, :]
+        if grouped:  # (B, Q) query slots; an empty one attends to column 0 alone (finite, unread)
+            q = qt.new_zeros(B, Q, d).index_put((rows, slot), qt)
+            keep = (col == 0).expand(B, Q, L).index_put((rows, slot), keep)
+        else:  # (T, 1) queries, each with a copy of its row's keys
+            q, keep, k, v = qt[:, None], keep[:, None], k[rows], v[rows]
+        if prefix is not None:
+            kp, vp = F.linear(prefix, w[d:], b[d:]).view(1, -1, 2, H, d // H).permute(2, 0, 3, 1, 4)
+            n = k.shape[0]
+            k, v = torch.cat([kp.expand(n, -1, -1, -1), k], 2), torch.cat([vp.expand(n, -1, -1, -1), v], 2)
+            keep = torch.cat([keep.new_ones(*keep.shape[:2], prefix.shape[1]), keep], -1)
         p = self.attn_dropout if self.training else 0.0
-        y = attention(q, k[rows], v[rows], attn_mask=mask, dropout_p=p)
-        return self.out(y.reshape(T, d))
+        y = attention(q.view(*q.shape[:2], H, d // H).transpose(1, 2), k, v, attn_mask=keep[:, None], dropout_p=p)
+        y = y.transpose(1, 2).reshape(*q.shape[:2], d)
+        return self.out(y[rows, slot] if grouped else y[:, 0])
 
-
-    def forward_prefixed(self, xp: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
-                         cols: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_prefixed(self, xp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The causal attention over rows that all begin with the same k tokens `xp` (1, k, d),
         at the positions of `x` (B, L, d) that follow them: `forward(cat([xp.expand(B, k, d), x],
-        1))[:, k:]`, with the prefix's keys and values made once (not once per row). With
-        `rows`/`cols`: at those positions of `x` only (T, d), as `forward_at`. No attention
-        dropout (the caller is in eval mode: rows sharing a prefix would share its masks)."""
+        1))[:, k:]`, with the prefix's keys and values made once (not once per row). No
+        attention dropout (the caller is in eval mode: rows sharing a prefix would share its
+        masks). At chosen positions only: `forward_at(..., prefix=xp)`."""
         B, L, d = x.shape
         H, k = self.heads, xp.shape[1]
         w, b = self.qkv.weight, self.qkv.bias
         kp, vp = F.linear(xp, w[d:], b[d:]).view(1, k, 2, H, d // H).permute(2, 0, 3, 1, 4)
-        if rows is None:
-            q, kx, vx = self.qkv(x).view(B, L, 3, H, d // H).permute(2, 0, 3, 1, 4)
-            qcol = torch.arange(L, device=x.device)[None, :]  # (1, L): every row alike
-        else:
-            q = F.linear(x[rows, cols], w[:d], b[:d]).view(rows.shape[0], H, 1, d // H)
-            kx, vx = F.linear(x, w[d:], b[d:]).view(B, L, 2, H, d // H).permute(2, 0, 3, 1, 4)
-            kx, vx, qcol = kx[rows], vx[rows], cols[:, None]  # (T, 1)
-        n = q.shape[0]
-        keys = torch.cat([kp.expand(n, -1, -1, -1), kx], dim=2)
-        values = torch.cat([vp.expand(n, -1, -1, -1), vx], dim=2)
+        q, kx, vx = self.qkv(x).view(B, L, 3, H, d // H).permute(2, 0, 3, 1, 4)
+        keys = torch.cat([kp.expand(B, -1, -1, -1), kx], dim=2)
+        values = torch.cat([vp.expand(B, -1, -1, -1), vx], dim=2)
         col = torch.arange(L, device=x.device)
-        seen = torch.cat([torch.ones(*qcol.shape, k, dtype=torch.bool, device=x.device),
-                          col <= qcol[..., None]], dim=-1)  # (1 or T, Lq, k + L): all the prefix, causal after it
-        y = attention(q, keys, values, attn_mask=seen[:, None])
-        if rows is None:
-            return self.out(y.transpose(1, 2).reshape(B, L, d))
-        return self.out(y.reshape(rows.shape[0], d))
+        seen = torch.cat([torch.ones(L, k, dtype=torch.bool, device=x.device), col <= col[:, None]], dim=-1)
+        y = attention(q, keys, values, attn_mask=seen)  # all the prefix, causal after it
+        return self.out(y.transpose(1, 2).reshape(B, L, d))
+
+
+def _slots(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """Each entry's rank among the entries of its row (rows in any order), and the most
+    entries any row has."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    order = torch.argsort(rows, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(rows.shape[0], device=rows.device) - first[rows[order]]
+    return slot, int(counts.max()) if rows.numel() else 0
 
 
 class CrossAttention(nn.Module):

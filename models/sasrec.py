@@ -61,11 +61,10 @@ class PostLNBlock(nn.Module):
         With `rows`/`cols`: the rest at those positions only (T, d), and no prefix part."""
         if self.training:
             raise RuntimeError("forward_prefixed shares the prefix across rows: eval mode only (no dropout)")
-        y = self.attn.forward_prefixed(xp, x, rows, cols)
         if rows is not None:
-            x = self.ln1(x[rows, cols] + y)
+            x = self.ln1(x[rows, cols] + self.attn.forward_at(x, rows, cols, prefix=xp))
             return self.ln2(x + self.ffn(x))
-        x = self.ln1(x + y)
+        x = self.ln1(x + self.attn.forward_prefixed(xp, x))
         return self.forward(xp), self.ln2(x + self.ffn(x))
 
 
