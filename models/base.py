@@ -185,7 +185,7 @@ class SelfAttention(nn.Module):
             q = qt.new_zeros(B, Q, d).index_put((rows, slot), qt)
             keep = (col == 0).expand(B, Q, L).index_put((rows, slot), keep)
         else:  # (T, 1) queries, each with a copy of its row's keys
-            q, keep, k, v = qt[:, None], keep[:, None], k[rows], v[rows]
+            q, keep, k, v = qt[:, None], keep[:, None], k.index_select(0, rows), v.index_select(0, rows)
         if prefix is not None:
             kp, vp = F.linear(prefix, w[d:], b[d:]).view(1, -1, 2, H, d // H).permute(2, 0, 3, 1, 4)
             n = k.shape[0]
