@@ -95,7 +95,8 @@ class LatentIntentDistiller(nn.Module):
         B, L = items.shape
         m = self.m
         x = torch.cat([self.encoder.item_inputs(items), self.intent.expand(B, m, -1)], dim=1)
-        # place the intents right after each row's last item: [prefix | items | intents | pad]
+        # place the intents right after each row's last item: [items | intents | pad] (the prefix
+        # goes in front of every row inside the encoder)
         p = torch.arange(L + m, device=items.device)[None]
         end = lengths[:, None]
         src = torch.where(p < end, p, torch.where(p < end + m, p + L - end, p - m))

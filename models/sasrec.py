@@ -52,7 +52,6 @@ class PostLNBlock(nn.Module):
         x = self.ln1(x[rows, cols] + self.drop(self.attn.forward_at(x, rows, cols, starts)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
-
     def forward_prefixed(self, xp: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None,
                          cols: torch.Tensor | None = None):
         """The block over rows that all begin with the same k tokens `xp` (1, k, d), in eval mode:
