@@ -1,5 +1,6 @@
 """Restructured computations give what the straightforward ones give: the fast CPU dropout
-(same distribution), attention spelled out for its dropout (same math as SDPA)."""
+(same distribution), attention spelled out for its dropout (same math as SDPA), attention at
+chosen positions only (the full pass read there)."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +59,51 @@ def test_spelled_out_attention_is_sdpa(causal, masked):
     got = attention(q, k, v, attn_mask=mask, dropout_p=1e-12, is_causal=causal and mask is None)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout,grouped", [("one-per-row", True), ("few-per-row", True), ("many-per-row", False),
+                                            ("packed", True), ("packed-many", False), ("prefixed", False),
+                                            ("prefixed-few", True)])
+def test_attention_at_chosen_positions_is_the_full_pass_there(layout, grouped):
+    """`SelfAttention.forward_at` (queries grouped by row where rows have few of them, else one
+    copy of its row's keys per query) gives `forward(x)[rows, cols]` and its gradients, in both
+    of its paths; packed rows attend within their own sequence; a shared prefix is seen by all."""
+    from models.base import SelfAttention, _slots, pack
+
+    torch.manual_seed(0)
+    attn = SelfAttention(16, 2, attn_dropout=0.0)
+    B, L = 6, 9
+    x = torch.randn(B, L, 16, requires_grad=True)
+    starts = prefix = None
+    if layout == "one-per-row":  # grouped, Q = 1
+        rows, cols = torch.arange(B), torch.tensor([0, 8, 3, 5, 1, 7])
+    elif layout == "few-per-row":  # grouped, Q = 2, rows out of order
+        rows, cols = torch.tensor([4, 0, 4, 1, 2, 3, 5, 0, 2]), torch.tensor([6, 2, 1, 8, 0, 3, 4, 7, 5])
+    elif layout == "many-per-row":  # copies: 8 queries in one row
+        rows, cols = torch.tensor([2] * 8 + [5]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 3])
+    if layout in ("one-per-row", "few-per-row", "many-per-row"):
+        expected = attn(x)[rows, cols]
+        got = attn.forward_at(x, rows, cols)
+    elif layout.startswith("packed"):  # many-per-row: five 1-item sequences share a row
+        lengths = torch.tensor([5, 2, 1, 4, 3, 1, 2] if layout == "packed" else [5, 5, 5, 1, 1, 1, 1, 1])
+        items = torch.zeros(len(lengths), 5, dtype=torch.long)
+        p = pack(items, lengths)
+        R, W = p.items.shape
+        x = torch.randn(R, W, 16, requires_grad=True)
+        rows, cols = p.last_row, p.last_col
+        starts = cols - lengths + 1
+        expected = attn(x, attn_mask=p.mask)[rows, cols]
+        got = attn.forward_at(x, rows, cols, starts)
+    else:  # a prefix of 3 tokens in front of every row
+        prefix = torch.randn(1, 3, 16, requires_grad=True)
+        rows = torch.tensor([0, 0, 1, 3, 5, 5, 5] if layout == "prefixed" else [0, 1, 2, 3, 4, 5, 0])
+        cols = torch.tensor([0, 4, 8, 2, 1, 6, 7])
+        full = attn(torch.cat([prefix.expand(B, -1, -1), x], 1))[:, 3:]
+        expected, got = full[rows, cols], attn.forward_at(x, rows, cols, prefix=prefix)
+        torch.testing.assert_close(attn.forward_prefixed(prefix, x), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (x.shape[0] * _slots(rows, x.shape[0])[1] <= 2 * rows.shape[0]) == grouped  # the path meant
+    probe = torch.randn(got.shape)
+    inputs = [x, *attn.parameters()] + ([prefix] if prefix is not None else [])
+    for a, b in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((expected * probe).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
