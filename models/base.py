@@ -288,6 +288,13 @@ class Packed:
     last_col: torch.Tensor
 
 
+_PACKED_ROW_MULTIPLE = 8  # packed rows are ~50 tokens wide: at most ~3% padding, a few shapes
+
+
+def _cpu_bf16(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def pack(items: torch.Tensor, lengths: torch.Tensor) -> Packed:
     """First-fit-decreasing packing of sequences into rows as wide as the longest one.
 
@@ -296,7 +303,8 @@ def pack(items: torch.Tensor, lengths: torch.Tensor) -> Packed:
     padding, and the many small groups ran the encoder as many small matmuls. Packed, one pass
     over ~W-wide rows does it. Exact: every token attends only to its own sequence's earlier tokens
     and positions restart per sequence, so each state is the one its own right-padded row gives
-    (a padding token attends to itself alone, to stay finite; nothing reads it)."""
+    (a padding token attends to itself alone, to stay finite; nothing reads it). Under a CPU bf16
+    autocast the row count is rounded up to a multiple of 8 with rows of padding alone."""
     device = items.device
     W = max(int(lengths.max()), 1)
     lens = lengths.tolist()
@@ -310,7 +318,9 @@ def pack(items: torch.Tensor, lengths: torch.Tensor) -> Packed:
             fill.append(0)
         row[i], start[i] = r, fill[r]
         fill[r] += n
-    R = len(fill)
+    # CPU bf16 matmuls compile a oneDNN kernel per new shape (models.losses._row_multiple); the
+    # number of packed rows differs in nearly every batch, so round it up with empty rows
+    R = -(-len(fill) // _PACKED_ROW_MULTIPLE) * _PACKED_ROW_MULTIPLE if _cpu_bf16(device) else len(fill)
     row_t = torch.tensor(row, device=device)
     start_t = torch.tensor(start, device=device)
     seq = torch.repeat_interleave(torch.arange(len(lens), device=device), lengths)  # sequence of each real token

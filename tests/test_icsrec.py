@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import models
 from harness.data.split import Batch, LeaveOneOut
-from models.base import last_position
+from models.base import last_position, pack
 from models.icsrec import ICSRec, ICSRecConfig, nt_xent
 from helpers import achievable_accuracy
 
@@ -296,6 +296,32 @@ def test_study_file_loads():
     assert sf.model == "icsrec"
     assert sf.enqueue[0] == {"intent_num": 256, "lambda_0": 0.3, "beta_0": 0.1, "lr": 1e-3}
     assert {p.name for p in sf.space} == {"intent_num", "lambda_0", "beta_0", "lr"}
+
+
+def test_packed_rows_are_rounded_up_under_cpu_bf16(data):
+    """Under a CPU bf16 autocast the packed row count is a multiple of 8 (oneDNN compiles a kernel
+    per matmul shape; unrounded, nearly every batch had a new one): the extra rows hold padding
+    alone, every sequence keeps its place, and the states are those of the unrounded pack."""
+    model = build().eval()
+    rows = data.train_rows("prefix")
+    batch = data._train_batch(rows, np.random.default_rng(2).permutation(len(rows))[:37])
+    items, lengths = batch.items, batch.lengths
+    plain = pack(items, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = pack(items, lengths)
+    R = plain.items.shape[0]
+    assert rounded.items.shape[0] % 8 == 0 and rounded.items.shape[0] >= R
+    assert rounded.items.shape[0] > R  # this batch needs extra rows, so the test checks them
+    for name in ("items", "positions", "lengths", "mask"):
+        a, b = getattr(plain, name), getattr(rounded, name)
+        assert torch.equal(b[:R], a), name
+    assert not rounded.items[R:].any() and not rounded.lengths[R:].any()
+    assert torch.equal(rounded.mask[R:, 0], torch.eye(items.shape[1], dtype=torch.bool).expand(len(rounded.mask) - R, -1, -1))
+    assert torch.equal(rounded.last_row, plain.last_row) and torch.equal(rounded.last_col, plain.last_col)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.last_states(items, lengths).float()
+        expected = last_position(model.encode(items, lengths), lengths).float()
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
 
 
 def test_length_grouped_states_equal_one_padded_pass(data):
