@@ -25,6 +25,7 @@ import torch
 
 _BLOCK_BYTES = 8 << 20  # fp32 bytes of one row block's logits: a block's softmax passes stay in cache
 _ROW_MULTIPLE = 64  # row counts of CPU bf16 matmuls are padded to this (see _padded_rows)
+_SUB_BYTES = 1 << 20  # fp32 bytes of the step logits whose elementwise passes run together (in L2)
 _TINY = 1e-30  # a target probability below this is recomputed from the log-sum-exp (no underflow)
 
 
@@ -150,39 +151,50 @@ class _EnsembleObjective(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:2])
         h = (o / temperature).reshape(B * T, d).to(dtype)
         wc = weight.to(dtype)
-        grad_h = torch.empty(B * T, d, dtype=torch.float32, device=o.device) if need_grad else None
-        g_all = torch.empty(B * T, N, dtype=dtype, device=o.device) if need_grad else None
-        ce_sum = torch.zeros((), dtype=torch.float32, device=o.device)
-        kl_sum = torch.zeros((), dtype=torch.float32, device=o.device)
-        pairs = B * T * (T - 1)
-        rows = _block_rows(B, T * N, None)
-        c = -kl_weight * T / pairs  # d(-kl_weight * KL) / d z_j = c * p_j (w_j - E_pj[w_j]), below
+        # the logit gradients, kept in the matmul dtype for the gradient matmuls: the KL's per step
+        # (unscaled), the CE's once per row (it is the same for every step)
+        g_kl = torch.empty(B * T, N, dtype=dtype, device=o.device) if need_grad else None
+        g_ce = torch.empty(B, N, dtype=dtype, device=o.device) if need_grad else None
+        nll = torch.empty(B, dtype=torch.float32, device=o.device)
+        ew_all = torch.empty(B, T, dtype=torch.float32, device=o.device)
+        rows = _block_rows(B, T * N, None)  # one matmul per block of rows ...
+        sub = max(1, _SUB_BYTES // (4 * T * N))  # ... its elementwise passes per cache-sized sub-block
         for b0 in range(0, B, rows):
-            hb, tb = h[b0 * T:(b0 + rows) * T], target[b0:b0 + rows]
-            nb = tb.shape[0]
-            rr = torch.arange(nb, device=o.device)
-            z = (hb @ wc.T).float().view(nb, T, N)  # step logits z_j = o_j W^T / tau
-            zm = z.mean(1)  # the ensemble's logits: the mean of the steps'
-            pm = torch.softmax(zm, dim=1)  # CE of the ensemble, from its softmax (also its gradient)
-            ce_sum += _target_nll(pm[rr, tb], zm, tb).sum()
-            # pairwise KL(p_j || sg(p_i)) summed over i != j is E_{p_j}[T z_j - sum_i z_i] (the
-            # log-sum-exps cancel) = T E_{p_j}[w_j] with w_j = z_j - mean_i z_i; its gradient
-            # through p_j alone is T p_j (w_j - E_pj[w_j]) (the same -kl_weight / pairs scale).
-            # In place, fp32 throughout: mixed-dtype elementwise ops are several times slower
-            p = torch.softmax(z, dim=2)
-            g = z.sub_(zm[:, None]).mul_(p)  # p_j w_j
-            ew = g.sum(2, keepdim=True)  # E_pj[w_j]
-            kl_sum += ew.sum() * T
-            if need_grad:
-                g.addcmul_(p, ew, value=-1.0)  # p_j (w_j - E_pj[w_j])
-                pm[rr, tb] -= 1
-                pm.div_(B * T)  # d CE / d z_j = (softmax(mean) - one-hot) / (B T), every step alike
-                gd = g_all[b0 * T:(b0 + nb) * T].view(nb, T, N)
-                torch.add(pm[:, None], g, alpha=c, out=gd)
-                grad_h[b0 * T:(b0 + nb) * T] = gd.view(nb * T, N) @ wc
-        ce, kl = ce_sum / B, kl_sum / pairs
+            nb = min(rows, B - b0)
+            zb = (h[b0 * T:(b0 + nb) * T] @ wc.T).view(nb, T, N)  # step logits z_j = o_j W^T / tau
+            for s0 in range(b0, b0 + nb, sub):
+                ns = min(sub, b0 + nb - s0)
+                tb = target[s0:s0 + ns]
+                rr = torch.arange(ns, device=o.device)
+                z = zb[s0 - b0:s0 - b0 + ns].float()
+                zm = z.mean(1)  # the ensemble's logits: the mean of the steps'
+                pm = torch.softmax(zm, dim=1)  # CE of the ensemble, from its softmax (also its gradient)
+                nll[s0:s0 + ns] = _target_nll(pm[rr, tb], zm, tb)
+                # pairwise KL(p_j || sg(p_i)) summed over i != j is E_{p_j}[T z_j - sum_i z_i] (the
+                # log-sum-exps cancel) = T E_{p_j}[w_j] with w_j = z_j - mean_i z_i; its gradient
+                # through p_j alone is T p_j (w_j - E_pj[w_j]) (scaled by -kl_weight / pairs).
+                # In place, fp32 throughout: mixed-dtype elementwise ops are several times slower
+                p = torch.softmax(z, dim=2)
+                g = z.sub_(zm[:, None]).mul_(p)  # p_j w_j
+                ew = g.sum(2, keepdim=True)  # E_pj[w_j]
+                ew_all[s0:s0 + ns] = ew[:, :, 0]
+                if need_grad:
+                    g.addcmul_(p, ew, value=-1.0)  # p_j (w_j - E_pj[w_j])
+                    g_kl[s0 * T:(s0 + ns) * T].view(ns, T, N).copy_(g)
+                    pm[rr, tb] -= 1  # d CE / d zm = softmax(mean) - one-hot (per row, over B)
+                    g_ce[s0:s0 + ns].copy_(pm)
+        ce = nll.mean()
+        pairs = B * T * (T - 1)
+        kl = ew_all.sum() * (T / pairs)
         if need_grad:
-            grad_w = (g_all.T @ h).float()
+            # d loss / d z_j = c g_kl_j + g_ce / (B T), c = -kl_weight T / pairs: the CE's part
+            # through W once per row (every step gets it), the KL's per step
+            c = -kl_weight * T / pairs
+            grad_h = (g_kl @ wc).float().mul_(c).view(B, T, d)
+            grad_h += (g_ce @ wc).float().mul_(1.0 / (B * T))[:, None]
+            h_sum = h.view(B, T, d).float().sum(1).to(dtype)  # d zm / d W = mean_j h_j
+            grad_w = (g_kl.T @ h).float().mul_(c)
+            grad_w += (g_ce.T @ h_sum).float().mul_(1.0 / (B * T))
             ctx.save_for_backward(grad_h, grad_w)
         ctx.shape, ctx.temperature, ctx.dtypes = (B, T, d), temperature, (o.dtype, weight.dtype)
         ctx.mark_non_differentiable(ce, kl)

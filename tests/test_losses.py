@@ -204,13 +204,15 @@ def test_ensemble_objective_is_rearec_erl_loss(steps):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision):
-    """Rows split into blocks (a block's logits over a few KiB), in both precisions: the loss,
+    """Rows split into blocks (a block's logits over a few KiB) and sub-blocks (11 rows: blocks of
+    4, 4, 3; sub-blocks of 2, 2, 2, 2, 2, 1), in both precisions: the loss,
     CE and KL of the step logits the matmul dtype gives, and their gradients (bf16: the logit
     gradient is rounded to bf16 for its matmuls, as autocast's own backward would)."""
     import models.losses as losses_mod
     from models.rearec import pairwise_kl
 
     monkeypatch.setattr(losses_mod, "_BLOCK_BYTES", 4 * 3 * 300 * 4)  # 4 rows of 3 steps x 300 items
+    monkeypatch.setattr(losses_mod, "_SUB_BYTES", 2 * 3 * 300 * 4)  # their elementwise passes 2 rows at a time
     g = torch.Generator().manual_seed(2)
     o = (torch.randn(11, 3, 16, generator=g) * 0.5).requires_grad_()
     w = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
