@@ -127,6 +127,10 @@ def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
         deps["lid"], info = pretrained_lid_for(spec, data, model_cfg, progress)
     if "lares-stage1" in model_spec.needs(model_cfg):
         deps["stage1"], info = pretrained_lares_stage1_for(spec, data, model_cfg, progress)
+    if "erl-kernel" in model_spec.needs(model_cfg):
+        from harness import native
+
+        native.install(spec.cache_dir)
     seed_everything(spec.train.seed)  # the model's own init does not depend on pre-training
     try:
         model = model_spec.build(model_cfg, data.n_items, **deps)

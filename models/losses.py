@@ -25,6 +25,7 @@ import torch
 
 _BLOCK_BYTES = 8 << 20  # fp32 bytes of one row block's logits: a block's softmax passes stay in cache
 _ROW_MULTIPLE = 64  # row counts of CPU bf16 matmuls are padded to this (see _padded_rows)
+_NATIVE_BLOCK_BYTES = 64 << 20  # logits of one matmul before the fused kernel (set_erl_kernel)
 _SUB_BYTES = 1 << 20  # fp32 bytes of the step logits whose elementwise passes run together (in L2)
 _TINY = 1e-30  # a target probability below this is recomputed from the log-sum-exp (no underflow)
 
@@ -141,6 +142,17 @@ def item_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return s if bias is None else s + bias.float()
 
 
+_erl_kernel = None  # a fused CPU kernel for the per-row part of ERL's objective, if one was set
+
+
+def set_erl_kernel(kernel) -> None:
+    """Use `kernel(z, target, nll, ew, g_ce, g_kl)` (harness/native.py: it writes what the eager
+    formula in `_EnsembleObjective.forward` computes, from the step logits z (rows, T, N)) for
+    CPU logits in fp32 or bf16; None: the eager formula."""
+    global _erl_kernel
+    _erl_kernel = kernel
+
+
 class _EnsembleObjective(torch.autograd.Function):
     """ReaRec-ERL's objective from one block of step logits per row; see `ensemble_objective`."""
 
@@ -157,11 +169,20 @@ class _EnsembleObjective(torch.autograd.Function):
         g_ce = torch.empty(B, N, dtype=dtype, device=o.device) if need_grad else None
         nll = torch.empty(B, dtype=torch.float32, device=o.device)
         ew_all = torch.empty(B, T, dtype=torch.float32, device=o.device)
-        rows = _block_rows(B, T * N, None)  # one matmul per block of rows ...
-        sub = max(1, _SUB_BYTES // (4 * T * N))  # ... its elementwise passes per cache-sized sub-block
+        native = o.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _erl_kernel is not None
+        if native:  # one pass per row over its logits, in cache (set_erl_kernel)
+            rows = max(1, _NATIVE_BLOCK_BYTES // (T * N * h.element_size()))
+        else:  # one matmul per block of rows, its elementwise passes per cache-sized sub-block
+            rows = _block_rows(B, T * N, None)
+        sub = max(1, _SUB_BYTES // (4 * T * N))
         for b0 in range(0, B, rows):
             nb = min(rows, B - b0)
             zb = (h[b0 * T:(b0 + nb) * T] @ wc.T).view(nb, T, N)  # step logits z_j = o_j W^T / tau
+            if native:
+                ce_out = g_ce[b0:b0 + nb] if need_grad else torch.empty(nb, N, dtype=dtype)
+                kl_out = g_kl[b0 * T:(b0 + nb) * T].view(nb, T, N) if need_grad else torch.empty_like(zb)
+                _erl_kernel(zb, target[b0:b0 + nb], nll[b0:b0 + nb], ew_all[b0:b0 + nb], ce_out, kl_out)
+                continue
             for s0 in range(b0, b0 + nb, sub):
                 ns = min(sub, b0 + nb - s0)
                 tb = target[s0:s0 + ns]

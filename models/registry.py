@@ -5,7 +5,9 @@ The harness asks a spec, never the model or its config, what it needs:
 - `requires(config)`: what must be built before the factory can run; "lid" is a pre-trained,
   frozen SASRec of width `config.d_l` (the harness pre-trains and caches it; models do no I/O);
   "lares-stage1" is LARES's stage-1 model (`lares-ssl` at `config.stage1()`, pre-trained and
-  cached the same way) that its GRPO stage starts from;
+  cached the same way) that its GRPO stage starts from; "erl-kernel" is the fused CPU kernel of
+  ReaRec-ERL's objective (harness/native.py builds it and hands it to `models.losses`; without
+  it the same objective runs eagerly);
 - `label`: the model's name in tables and figures;
 - `study`: whose study file and tuning study give its parameters (a variant takes its base
   model's, so `--params best` gives an ablation variant IGR-SR's tuned values).
@@ -110,6 +112,7 @@ register(ModelSpec("gru4rec", GRU4RecConfig, lambda cfg, n_items: GRU4Rec(cfg, n
 register(ModelSpec("bert4rec", BERT4RecConfig, lambda cfg, n_items: BERT4Rec(cfg, n_items), label="BERT4Rec",
                    description="BERT4Rec: bidirectional transformer, cloze objective (RecBole-style)"))
 register(ModelSpec("rearec-erl", ReaRecERLConfig, lambda cfg, n_items: ReaRecERL(cfg, n_items), label="ReaRec-ERL",
+                   requires=lambda cfg: ("erl-kernel",) if cfg.kl_weight != 0 else (),
                    description="ReaRec-ERL: SASRec + K reasoning steps, ensemble of steps + KL diversity"))
 register(ModelSpec("rearec-prl", ReaRecPRLConfig, lambda cfg, n_items: ReaRecPRL(cfg, n_items), label="ReaRec-PRL",
                    description="ReaRec-PRL: SASRec + K reasoning steps, progressive temperatures + noisy InfoNCE"))

@@ -178,8 +178,31 @@ def test_bf16_on_a_cpu_without_it_is_a_one_line_error(monkeypatch, tmp_path):
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.fixture(params=["native", "eager"])
+def erl_path(request, monkeypatch):
+    """ReaRec-ERL's objective through the fused C kernel (harness/native.py) and through the eager
+    formula it replaces: both must give the reference's values and gradients."""
+    import models.losses as losses_mod
+    from harness import native
+
+    if request.param == "eager":
+        monkeypatch.setattr(losses_mod, "_erl_kernel", None)
+    elif _has_compiler():
+        assert native.erl_kernel() is not None  # a compiler is here: the kernel must build
+        monkeypatch.setattr(losses_mod, "_erl_kernel", native.erl_rows)
+    else:
+        pytest.skip("no C compiler: the fused kernel cannot be built here")
+    return request.param
+
+
+def _has_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+
+
 @pytest.mark.parametrize("steps", [2, 3])
-def test_ensemble_objective_is_rearec_erl_loss(steps):
+def test_ensemble_objective_is_rearec_erl_loss(steps, erl_path):
     from models.losses import ensemble_objective
     from models.rearec import pairwise_kl
 
@@ -203,7 +226,7 @@ def test_ensemble_objective_is_rearec_erl_loss(steps):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision):
+def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision, erl_path):
     """Rows split into blocks (a block's logits over a few KiB) and sub-blocks (11 rows: blocks of
     4, 4, 3; sub-blocks of 2, 2, 2, 2, 2, 1), in both precisions: the loss,
     CE and KL of the step logits the matmul dtype gives, and their gradients (bf16: the logit
@@ -213,6 +236,7 @@ def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision):
 
     monkeypatch.setattr(losses_mod, "_BLOCK_BYTES", 4 * 3 * 300 * 4)  # 4 rows of 3 steps x 300 items
     monkeypatch.setattr(losses_mod, "_SUB_BYTES", 2 * 3 * 300 * 4)  # their elementwise passes 2 rows at a time
+    monkeypatch.setattr(losses_mod, "_NATIVE_BLOCK_BYTES", 4 * 3 * 300 * 4)  # the kernel's blocks: 4 rows
     g = torch.Generator().manual_seed(2)
     o = (torch.randn(11, 3, 16, generator=g) * 0.5).requires_grad_()
     w = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
@@ -237,7 +261,7 @@ def test_ensemble_objective_over_several_row_blocks(monkeypatch, precision):
     torch.testing.assert_close(grads[1], ref_grads[1], **tol)
 
 
-def test_ensemble_objective_has_no_underflow_where_the_target_is_far_behind():
+def test_ensemble_objective_has_no_underflow_where_the_target_is_far_behind(erl_path):
     """The ensemble's target probability underflows fp32 (its logit ~hundreds below the best):
     the CE still equals the float64 cross-entropy of the mean logits."""
     from models.losses import ensemble_objective
@@ -252,3 +276,80 @@ def test_ensemble_objective_has_no_underflow_where_the_target_is_far_behind():
     _, ce, _ = ensemble_objective(o, w, t, tau, 0.0)
     assert float(ref) > 200 and torch.isfinite(ce)
     assert float(ce) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_erl_kernel_is_the_float64_formula(dtype):
+    """The C kernel alone against float64 torch: the ensemble's NLL, E_pj[z_j - mean z], and the
+    logit gradients softmax(mean) - one-hot and p_j (w_j - E_pj[w_j]), on logits spread over a
+    hundred (probabilities down to 1e-40: clamped, not denormal), over several threads."""
+    from harness import native
+
+    if not _has_compiler():
+        pytest.skip("no C compiler: the fused kernel cannot be built here")
+    assert native.erl_kernel() is not None
+    g = torch.Generator().manual_seed(0)
+    R, T, N = 7, 3, 1001
+    z = (torch.randn(R, T, N, generator=g) * 20).to(dtype)
+    t = torch.randint(0, N, (R,), generator=g)
+    nll, ew = torch.empty(R), torch.empty(R, T)
+    g_ce, g_kl = torch.empty(R, N, dtype=dtype), torch.empty(R, T, N, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # rows split over three pthreads, unevenly
+    try:
+        native.erl_rows(z, t, nll, ew, g_ce, g_kl)
+    finally:
+        torch.set_num_threads(threads)
+    zd = z.double()
+    zm = zd.mean(1)
+    rows = torch.arange(R)
+    ref_ce = torch.softmax(zm, 1)
+    ref_ce[rows, t] -= 1
+    p = torch.softmax(zd, 2)
+    w = zd - zm[:, None]
+    ref_ew = (p * w).sum(2)
+    ref_kl = p * (w - ref_ew[..., None])
+    torch.testing.assert_close(nll.double(), torch.logsumexp(zm, 1) - zm[rows, t], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ew.double(), ref_ew, rtol=1e-6, atol=5e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_ce.double(), ref_ce, **tol)
+    torch.testing.assert_close(g_kl.double(), ref_kl, **tol)
+    with pytest.raises(IndexError):
+        native.erl_rows(z, torch.full((R,), N), nll, ew, g_ce, g_kl)
+
+
+def test_without_a_compiler_erl_runs_eagerly_with_one_warning(monkeypatch, tmp_path):
+    """No C compiler (or HARNESS_NATIVE=0): `install` warns once and leaves ERL's objective on its
+    eager path; a run that needs the kernel still builds its model."""
+    import models.losses as losses_mod
+    from harness import native
+
+    monkeypatch.setattr(losses_mod, "_erl_kernel", losses_mod._erl_kernel)  # restored afterwards
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernel is unavailable"):
+        assert native.install() is False
+    assert losses_mod._erl_kernel is None
+    assert native.install() is False  # no second attempt, no second warning
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("HARNESS_NATIVE", "0")
+    monkeypatch.delenv("CC")
+    assert native.erl_kernel() is None
+
+
+def test_a_rearec_erl_run_installs_the_kernel(monkeypatch, tmp_path):
+    import models.losses as losses_mod
+    from harness.runs import RunSpec, build_model, load_data
+
+    if not _has_compiler():
+        pytest.skip("no C compiler: the fused kernel cannot be built here")
+    monkeypatch.setattr(losses_mod, "_erl_kernel", None)
+    spec = RunSpec("rearec-erl", dataset="synthetic", train=TrainConfig(device="cpu", epochs=1), cache_dir=tmp_path)
+    build_model(spec, load_data(spec), progress=False)
+    assert losses_mod._erl_kernel is not None
+    monkeypatch.setattr(losses_mod, "_erl_kernel", None)
+    build_model(RunSpec("rearec-erl", dataset="synthetic", params={"kl_weight": 0.0}, cache_dir=tmp_path,
+                        train=TrainConfig(device="cpu", epochs=1)), load_data(spec), progress=False)
+    assert losses_mod._erl_kernel is None  # the plain CE: no kernel needed
