@@ -11,9 +11,10 @@ formula to about 2 ns per element, with a 15 s compile per shape.
 
 What it computes (`erl_rows`): for logits z (rows, T, N) in bf16 or fp32, each row's ensemble
 NLL (-log softmax(mean_j z_j)[target]), E_{p_j}[w_j] per step with w_j = z_j - mean z, and the
-logit gradients softmax(mean) - one-hot (rows, N) and p_j (w_j - E_pj[w_j]) (rows, T, N) in z's
-dtype (bf16 rounded to nearest even): what the eager formula in `models.losses` computes; both
-are tested against the reference objective (tests/test_losses.py). Its exp is a degree-6
+logit gradient of every step, c p_j (w_j - E_pj[w_j]) + inv (softmax(mean) - one-hot), in z's
+dtype (bf16 rounded to nearest even), ready for the gradient matmuls: what the eager formula in
+`models.losses` computes (there the two terms go through W separately); both are tested against
+the reference objective (tests/test_losses.py). Its exp is a degree-6
 polynomial (relative error about 1e-7) with arguments clamped at -87: a probability below 1e-38
 comes out as about 1e-38 instead of a denormal or zero (denormals make later passes several
 times slower on x86; the difference is below any fp32 tolerance).
@@ -68,32 +69,24 @@ static inline float exp_poly(float x) {  /* exp(x), x clamped to [-87, 88]: vect
     return p * scale;
 }
 
-/* out[i] = a[i] * c, in fp32 or rounded to bf16 */
-static void store_scaled(void *out, int64_t at, const float *a, float c, int64_t N, int bf16) {
+/* out[n] = c (g[n] - p[n] acc) + q[n], in fp32 or rounded to bf16 */
+static void store_grad(void *out, int64_t at, const float *g, const float *p, float acc, float c, const float *q,
+                       int64_t N, int bf16) {
     if (bf16) { uint16_t *o = (uint16_t *)out + at;
         #pragma omp simd
-        for (int64_t n = 0; n < N; n++) o[n] = f32_to_bf16(a[n] * c); }
+        for (int64_t n = 0; n < N; n++) o[n] = f32_to_bf16(c * (g[n] - p[n] * acc) + q[n]); }
     else { float *o = (float *)out + at;
         #pragma omp simd
-        for (int64_t n = 0; n < N; n++) o[n] = a[n] * c; }
+        for (int64_t n = 0; n < N; n++) o[n] = c * (g[n] - p[n] * acc) + q[n]; }
 }
 
-/* out[i] = a[i] - b[i] * c, in fp32 or rounded to bf16 */
-static void store_axpy(void *out, int64_t at, const float *a, const float *b, float c, int64_t N, int bf16) {
-    if (bf16) { uint16_t *o = (uint16_t *)out + at;
-        #pragma omp simd
-        for (int64_t n = 0; n < N; n++) o[n] = f32_to_bf16(a[n] - b[n] * c); }
-    else { float *o = (float *)out + at;
-        #pragma omp simd
-        for (int64_t n = 0; n < N; n++) o[n] = a[n] - b[n] * c; }
-}
-
-/* one row: z (T, N) -> its NLL, E_pj[w_j] (T), g_ce (N) and g_kl (T, N) */
-static int run_rows(const void *z_, const int64_t *target, void *g_kl, void *g_ce, float *nll, float *ew,
-                    int64_t r0, int64_t r1, int64_t T, int64_t N, int bf16) {
-    float *buf = (float *)malloc((size_t)(T + 3) * N * sizeof(float) + (size_t)T * sizeof(float));
+/* rows r0..r1 of z (R, T, N): each row's NLL and E_pj[w_j] (T), and, if grad is not NULL, its
+   logit gradient c p_j (w_j - E_pj[w_j]) + inv (softmax(mean) - one-hot), (T, N) */
+static int run_rows(const void *z_, const int64_t *target, void *grad, float *nll, float *ew,
+                    int64_t r0, int64_t r1, int64_t T, int64_t N, int bf16, float c, float inv) {
+    float *buf = (float *)malloc((size_t)(T + 4) * N * sizeof(float) + (size_t)T * sizeof(float));
     if (!buf) return 1;
-    float *zf = buf, *zm = buf + T * N, *e = zm + N, *g = e + N, *mx = g + N;
+    float *zf = buf, *zm = buf + T * N, *e = zm + N, *g = e + N, *q = g + N, *mx = q + N;
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t j = 0; j < T; j++) {  /* fp32 logits and each step's max */
             float m = -INFINITY, *dst = zf + j * N;
@@ -113,16 +106,18 @@ static int run_rows(const void *z_, const int64_t *target, void *g_kl, void *g_c
             zm[n] = s / (float)T;
             mm = zm[n] > mm ? zm[n] : mm;
         }
-        /* the ensemble's CE and its logit gradient softmax(zm) - one-hot */
+        /* the ensemble's CE; its logit gradient inv (softmax(zm) - one-hot) goes to every step */
         int64_t t = target[r];
         float s = 0.0f;
         #pragma omp simd reduction(+:s)
         for (int64_t n = 0; n < N; n++) { e[n] = exp_poly(zm[n] - mm); s += e[n]; }
         nll[r] = mm + logf(s) - zm[t];
-        float inv = 1.0f / s;
-        store_scaled(g_ce, r * N, e, inv, N, bf16);
-        if (bf16) ((uint16_t *)g_ce)[r * N + t] = f32_to_bf16(e[t] * inv - 1.0f);
-        else ((float *)g_ce)[r * N + t] = e[t] * inv - 1.0f;
+        if (grad) {
+            float sc = inv / s;
+            #pragma omp simd
+            for (int64_t n = 0; n < N; n++) q[n] = e[n] * sc;
+            q[t] -= inv;
+        }
         /* each step: p_j, E_pj[w_j] and p_j (w_j - E_pj[w_j]) = p_j w_j - p_j E_pj[w_j] */
         for (int64_t j = 0; j < T; j++) {
             const float *zj = zf + j * N;
@@ -132,7 +127,7 @@ static int run_rows(const void *z_, const int64_t *target, void *g_kl, void *g_c
             float ij = 1.0f / sj, acc = 0.0f;
             #pragma omp simd reduction(+:acc)
             for (int64_t n = 0; n < N; n++) { float p = e[n] * ij, pw = p * (zj[n] - zm[n]); e[n] = p; g[n] = pw; acc += pw; }
-            store_axpy(g_kl, (r * T + j) * N, g, e, acc, N, bf16);
+            if (grad) store_grad(grad, (r * T + j) * N, g, e, acc, c, q, N, bf16);
             ew[r * T + j] = acc;
         }
     }
@@ -140,8 +135,8 @@ static int run_rows(const void *z_, const int64_t *target, void *g_kl, void *g_c
     return 0;
 }
 
-int erl_rows(const void *z, const int64_t *target, void *g_kl, void *g_ce, float *nll, float *ew,
-             int64_t R, int64_t T, int64_t N, int bf16, int threads) {
+int erl_rows(const void *z, const int64_t *target, void *grad, float *nll, float *ew,
+             int64_t R, int64_t T, int64_t N, int bf16, float c, float inv, int threads) {
     int failed = 0;
     if (threads < 1) threads = 1;
     /* OpenMP: loaded into torch's process, this shares torch's own OpenMP runtime and threads
@@ -149,7 +144,7 @@ int erl_rows(const void *z, const int64_t *target, void *g_kl, void *g_ce, float
     #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
         int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        failed |= run_rows(z, target, g_kl, g_ce, nll, ew, R * id / nt, R * (id + 1) / nt, T, N, bf16);
+        failed |= run_rows(z, target, grad, nll, ew, R * id / nt, R * (id + 1) / nt, T, N, bf16, c, inv);
     }
     return failed;
 }
@@ -194,7 +189,8 @@ def _build(cache_dir: Path) -> ctypes.CDLL:
             os.replace(out, path)  # atomic: concurrent builders each publish a whole file
     lib = ctypes.CDLL(str(path))
     lib.erl_rows.restype = ctypes.c_int
-    lib.erl_rows.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    lib.erl_rows.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                             + [ctypes.c_float] * 2 + [ctypes.c_int])
     return lib
 
 
@@ -215,22 +211,25 @@ def erl_kernel(cache_dir: Path | None = None) -> ctypes.CDLL | None:
     return _lib
 
 
-def erl_rows(z: torch.Tensor, target: torch.Tensor, nll: torch.Tensor, ew: torch.Tensor, g_ce: torch.Tensor,
-             g_kl: torch.Tensor) -> None:
-    """For CPU logits z (R, T, N), bf16 or fp32, and targets (R,) in [0, N): writes nll (R,) and
-    ew (R, T) (fp32), g_ce (R, N) and g_kl (R, T, N) (z's dtype), all contiguous (see the module
-    docstring). Requires `erl_kernel()` to have returned a library."""
+def erl_rows(z: torch.Tensor, target: torch.Tensor, nll: torch.Tensor, ew: torch.Tensor,
+             grad: torch.Tensor | None = None, c: float = 1.0, inv: float = 1.0) -> None:
+    """For CPU logits z (R, T, N), bf16 or fp32, and targets (R,) in [0, N): writes each row's
+    ensemble NLL into nll (R,) and E_pj[w_j] into ew (R, T) (fp32), and, with `grad` (R, T, N)
+    in z's dtype, the logit gradient c p_j (w_j - E_pj[w_j]) + inv (softmax(mean) - one-hot)
+    of every step (see the module docstring). All contiguous. Requires `erl_kernel()` to have
+    returned a library."""
     lib = erl_kernel()
     R, T, N = z.shape
     assert lib is not None and z.device.type == "cpu" and z.dtype in (torch.bfloat16, torch.float32)
-    assert nll.shape == (R,) and ew.shape == (R, T) and g_ce.shape == (R, N) and g_kl.shape == (R, T, N)
-    assert nll.dtype == ew.dtype == torch.float32 and g_ce.dtype == g_kl.dtype == z.dtype
-    assert all(t.is_contiguous() for t in (nll, ew, g_ce, g_kl))
+    assert nll.shape == (R,) and ew.shape == (R, T) and nll.dtype == ew.dtype == torch.float32
+    assert grad is None or (grad.shape == (R, T, N) and grad.dtype == z.dtype and grad.is_contiguous())
+    assert nll.is_contiguous() and ew.is_contiguous()
     z, target = z.contiguous(), target.contiguous().to(torch.int64)
     if R and (int(target.min()) < 0 or int(target.max()) >= N):  # the kernel writes at the target
         raise IndexError(f"target out of range [0, {N})")
-    failed = lib.erl_rows(z.data_ptr(), target.data_ptr(), g_kl.data_ptr(), g_ce.data_ptr(), nll.data_ptr(),
-                          ew.data_ptr(), R, T, N, int(z.dtype == torch.bfloat16), torch.get_num_threads())
+    failed = lib.erl_rows(z.data_ptr(), target.data_ptr(), None if grad is None else grad.data_ptr(),
+                          nll.data_ptr(), ew.data_ptr(), R, T, N, int(z.dtype == torch.bfloat16), c, inv,
+                          torch.get_num_threads())
     if failed:
         raise MemoryError("ReaRec-ERL's fused kernel could not allocate its row buffers")
 

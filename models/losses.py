@@ -163,13 +163,17 @@ class _EnsembleObjective(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:2])
         h = (o / temperature).reshape(B * T, d).to(dtype)
         wc = weight.to(dtype)
-        # the logit gradients, kept in the matmul dtype for the gradient matmuls: the KL's per step
-        # (unscaled), the CE's once per row (it is the same for every step)
+        native = o.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _erl_kernel is not None
+        pairs = B * T * (T - 1)
+        c = -kl_weight * T / pairs  # d(-kl_weight KL) / d z_j = c p_j (w_j - E_pj[w_j]), below
+        # the logit gradients, kept in the matmul dtype for the gradient matmuls. Fused: each
+        # step's whole gradient, c (KL's) + (softmax(mean) - one-hot) / (B T) (the CE's, the same
+        # for every step). Eager: the KL's per step (unscaled) and the CE's once per row, which
+        # goes through W once per row instead of in a broadcast pass over every step's
         g_kl = torch.empty(B * T, N, dtype=dtype, device=o.device) if need_grad else None
-        g_ce = torch.empty(B, N, dtype=dtype, device=o.device) if need_grad else None
+        g_ce = torch.empty(B, N, dtype=dtype, device=o.device) if need_grad and not native else None
         nll = torch.empty(B, dtype=torch.float32, device=o.device)
         ew_all = torch.empty(B, T, dtype=torch.float32, device=o.device)
-        native = o.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _erl_kernel is not None
         if native:  # one pass per row over its logits, in cache (set_erl_kernel)
             rows = max(1, _NATIVE_BLOCK_BYTES // (T * N * h.element_size()))
         else:  # one matmul per block of rows, its elementwise passes per cache-sized sub-block
@@ -179,9 +183,8 @@ class _EnsembleObjective(torch.autograd.Function):
             nb = min(rows, B - b0)
             zb = (h[b0 * T:(b0 + nb) * T] @ wc.T).view(nb, T, N)  # step logits z_j = o_j W^T / tau
             if native:
-                ce_out = g_ce[b0:b0 + nb] if need_grad else torch.empty(nb, N, dtype=dtype)
-                kl_out = g_kl[b0 * T:(b0 + nb) * T].view(nb, T, N) if need_grad else torch.empty_like(zb)
-                _erl_kernel(zb, target[b0:b0 + nb], nll[b0:b0 + nb], ew_all[b0:b0 + nb], ce_out, kl_out)
+                grad = g_kl[b0 * T:(b0 + nb) * T].view(nb, T, N) if need_grad else None
+                _erl_kernel(zb, target[b0:b0 + nb], nll[b0:b0 + nb], ew_all[b0:b0 + nb], grad, c, 1.0 / (B * T))
                 continue
             for s0 in range(b0, b0 + nb, sub):
                 ns = min(sub, b0 + nb - s0)
@@ -205,18 +208,16 @@ class _EnsembleObjective(torch.autograd.Function):
                     pm[rr, tb] -= 1  # d CE / d zm = softmax(mean) - one-hot (per row, over B)
                     g_ce[s0:s0 + ns].copy_(pm)
         ce = nll.mean()
-        pairs = B * T * (T - 1)
         kl = ew_all.sum() * (T / pairs)
         if need_grad:
-            # d loss / d z_j = c g_kl_j + g_ce / (B T), c = -kl_weight T / pairs: the CE's part
-            # through W once per row (every step gets it), the KL's per step
-            c = -kl_weight * T / pairs
-            grad_h = (g_kl @ wc).float().mul_(c).view(B, T, d)
-            grad_h += (g_ce @ wc).float().mul_(1.0 / (B * T))[:, None]
-            h_sum = h.view(B, T, d).float().sum(1).to(dtype)  # d zm / d W = mean_j h_j
-            grad_w = (g_kl.T @ h).float().mul_(c)
-            grad_w += (g_ce.T @ h_sum).float().mul_(1.0 / (B * T))
-            ctx.save_for_backward(grad_h, grad_w)
+            grad_h = (g_kl @ wc).float()
+            grad_w = (g_kl.T @ h).float()
+            if not native:
+                grad_h = grad_h.mul_(c).view(B, T, d)
+                grad_h += (g_ce @ wc).float().mul_(1.0 / (B * T))[:, None]
+                h_sum = h.view(B, T, d).float().sum(1).to(dtype)  # d zm / d W = mean_j h_j
+                grad_w.mul_(c).add_((g_ce.T @ h_sum).float().mul_(1.0 / (B * T)))
+            ctx.save_for_backward(grad_h.view(B * T, d), grad_w)
         ctx.shape, ctx.temperature, ctx.dtypes = (B, T, d), temperature, (o.dtype, weight.dtype)
         ctx.mark_non_differentiable(ce, kl)
         return ce - kl_weight * kl, ce, kl

@@ -280,9 +280,10 @@ def test_ensemble_objective_has_no_underflow_where_the_target_is_far_behind(erl_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_erl_kernel_is_the_float64_formula(dtype):
-    """The C kernel alone against float64 torch: the ensemble's NLL, E_pj[z_j - mean z], and the
-    logit gradients softmax(mean) - one-hot and p_j (w_j - E_pj[w_j]), on logits spread over a
-    hundred (probabilities down to 1e-40: clamped, not denormal), over several threads."""
+    """The C kernel alone against float64 torch: the ensemble's NLL, E_pj[z_j - mean z], and each
+    step's logit gradient c p_j (w_j - E_pj[w_j]) + inv (softmax(mean) - one-hot), on logits
+    spread over a hundred (probabilities down to 1e-40: clamped, not denormal), over several
+    threads; without a gradient buffer only the NLL and E_pj[w_j]."""
     from harness import native
 
     if not _has_compiler():
@@ -292,12 +293,12 @@ def test_fused_erl_kernel_is_the_float64_formula(dtype):
     R, T, N = 7, 3, 1001
     z = (torch.randn(R, T, N, generator=g) * 20).to(dtype)
     t = torch.randint(0, N, (R,), generator=g)
-    nll, ew = torch.empty(R), torch.empty(R, T)
-    g_ce, g_kl = torch.empty(R, N, dtype=dtype), torch.empty(R, T, N, dtype=dtype)
+    c, inv = -0.3, 0.7
+    nll, ew, grad = torch.empty(R), torch.empty(R, T), torch.empty(R, T, N, dtype=dtype)
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # rows split over three pthreads, unevenly
+    torch.set_num_threads(3)  # rows split over three threads, unevenly
     try:
-        native.erl_rows(z, t, nll, ew, g_ce, g_kl)
+        native.erl_rows(z, t, nll, ew, grad, c, inv)
     finally:
         torch.set_num_threads(threads)
     zd = z.double()
@@ -308,14 +309,17 @@ def test_fused_erl_kernel_is_the_float64_formula(dtype):
     p = torch.softmax(zd, 2)
     w = zd - zm[:, None]
     ref_ew = (p * w).sum(2)
-    ref_kl = p * (w - ref_ew[..., None])
-    torch.testing.assert_close(nll.double(), torch.logsumexp(zm, 1) - zm[rows, t], rtol=1e-6, atol=1e-5)
+    ref_grad = c * p * (w - ref_ew[..., None]) + inv * ref_ce[:, None]
+    ref_nll = torch.logsumexp(zm, 1) - zm[rows, t]
+    torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(ew.double(), ref_ew, rtol=1e-6, atol=5e-5)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(g_ce.double(), ref_ce, **tol)
-    torch.testing.assert_close(g_kl.double(), ref_kl, **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+    nll2, ew2 = torch.empty(R), torch.empty(R, T)
+    native.erl_rows(z, t, nll2, ew2)  # no gradient wanted
+    assert torch.equal(nll2, nll) and torch.equal(ew2, ew)
     with pytest.raises(IndexError):
-        native.erl_rows(z, torch.full((R,), N), nll, ew, g_ce, g_kl)
+        native.erl_rows(z, torch.full((R,), N), nll, ew, grad, c, inv)
 
 
 def test_without_a_compiler_erl_runs_eagerly_with_one_warning(monkeypatch, tmp_path):
