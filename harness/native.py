@@ -150,7 +150,9 @@ int erl_rows(const void *z, const int64_t *target, void *grad, float *nll, float
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
+if platform.machine().lower() in ("x86_64", "amd64"):  # AVX-512 where there is some (gcc's default: 256 bits)
+    _FLAGS.insert(2, "-mprefer-vector-width=512")
 _lib: ctypes.CDLL | None = None
 _tried = False
 
