@@ -146,9 +146,10 @@ _erl_kernel = None  # a fused CPU kernel for the per-row part of ERL's objective
 
 
 def set_erl_kernel(kernel) -> None:
-    """Use `kernel(z, target, nll, ew, g_ce, g_kl)` (harness/native.py: it writes what the eager
-    formula in `_EnsembleObjective.forward` computes, from the step logits z (rows, T, N)) for
-    CPU logits in fp32 or bf16; None: the eager formula."""
+    """Use `kernel(z, target, nll, ew, grad, c, inv)` (harness/native.py: from the step logits z
+    (rows, T, N) it writes what the eager formula in `_EnsembleObjective.forward` computes: each
+    row's NLL and E_pj[w_j], and into `grad`, if given, each step's logit gradient) for CPU
+    logits in fp32 or bf16; None: the eager formula."""
     global _erl_kernel
     _erl_kernel = kernel
 
@@ -166,12 +167,10 @@ class _EnsembleObjective(torch.autograd.Function):
         native = o.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _erl_kernel is not None
         pairs = B * T * (T - 1)
         c = -kl_weight * T / pairs  # d(-kl_weight KL) / d z_j = c p_j (w_j - E_pj[w_j]), below
-        # the logit gradients, kept in the matmul dtype for the gradient matmuls. Fused: each
-        # step's whole gradient, c (KL's) + (softmax(mean) - one-hot) / (B T) (the CE's, the same
-        # for every step). Eager: the KL's per step (unscaled) and the CE's once per row, which
-        # goes through W once per row instead of in a broadcast pass over every step's
-        g_kl = torch.empty(B * T, N, dtype=dtype, device=o.device) if need_grad else None
-        g_ce = torch.empty(B, N, dtype=dtype, device=o.device) if need_grad and not native else None
+        # each step's logit gradient, c p_j (w_j - E_pj[w_j]) (the KL's) + (softmax(mean) - one-hot)
+        # / (B T) (the CE's, the same for every step), kept in the matmul dtype for the gradient
+        # matmuls (rounded as autocast's own backward would round it)
+        g_all = torch.empty(B * T, N, dtype=dtype, device=o.device) if need_grad else None
         nll = torch.empty(B, dtype=torch.float32, device=o.device)
         ew_all = torch.empty(B, T, dtype=torch.float32, device=o.device)
         if native:  # one pass per row over its logits, in cache (set_erl_kernel)
@@ -183,7 +182,7 @@ class _EnsembleObjective(torch.autograd.Function):
             nb = min(rows, B - b0)
             zb = (h[b0 * T:(b0 + nb) * T] @ wc.T).view(nb, T, N)  # step logits z_j = o_j W^T / tau
             if native:
-                grad = g_kl[b0 * T:(b0 + nb) * T].view(nb, T, N) if need_grad else None
+                grad = g_all[b0 * T:(b0 + nb) * T].view(nb, T, N) if need_grad else None
                 _erl_kernel(zb, target[b0:b0 + nb], nll[b0:b0 + nb], ew_all[b0:b0 + nb], grad, c, 1.0 / (B * T))
                 continue
             for s0 in range(b0, b0 + nb, sub):
@@ -204,20 +203,13 @@ class _EnsembleObjective(torch.autograd.Function):
                 ew_all[s0:s0 + ns] = ew[:, :, 0]
                 if need_grad:
                     g.addcmul_(p, ew, value=-1.0)  # p_j (w_j - E_pj[w_j])
-                    g_kl[s0 * T:(s0 + ns) * T].view(ns, T, N).copy_(g)
-                    pm[rr, tb] -= 1  # d CE / d zm = softmax(mean) - one-hot (per row, over B)
-                    g_ce[s0:s0 + ns].copy_(pm)
+                    pm[rr, tb] -= 1
+                    pm.div_(B * T)
+                    torch.add(pm[:, None], g, alpha=c, out=g_all[s0 * T:(s0 + ns) * T].view(ns, T, N))
         ce = nll.mean()
         kl = ew_all.sum() * (T / pairs)
         if need_grad:
-            grad_h = (g_kl @ wc).float()
-            grad_w = (g_kl.T @ h).float()
-            if not native:
-                grad_h = grad_h.mul_(c).view(B, T, d)
-                grad_h += (g_ce @ wc).float().mul_(1.0 / (B * T))[:, None]
-                h_sum = h.view(B, T, d).float().sum(1).to(dtype)  # d zm / d W = mean_j h_j
-                grad_w.mul_(c).add_((g_ce.T @ h_sum).float().mul_(1.0 / (B * T)))
-            ctx.save_for_backward(grad_h.view(B * T, d), grad_w)
+            ctx.save_for_backward((g_all @ wc).float(), (g_all.T @ h).float())
         ctx.shape, ctx.temperature, ctx.dtypes = (B, T, d), temperature, (o.dtype, weight.dtype)
         ctx.mark_non_differentiable(ce, kl)
         return ce - kl_weight * kl, ce, kl
