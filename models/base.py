@@ -104,23 +104,69 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+# ---------------------------------------------------------------------------- CPU bf16 shapes
+def _cpu_bf16(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+_ROW_STEPS_PER_OCTAVE = 16
+
+
+def padded_rows(m: int) -> int:
+    """`m` rounded up to a multiple of 8 below 256, above on a grid of 16 steps per power of two:
+    at most 1/16 more rows (3% on average), and under 200 row counts in all up to 2^17."""
+    step = max(8, 1 << max(0, m.bit_length() - 5))
+    return -(-m // step) * step
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; under a CPU bf16 autocast, with its rows (every leading dimension flattened)
+    padded with zeros to `padded_rows`. The same values for the real rows.
+
+    Why: a CPU bf16 matmul runs through oneDNN, which compiles and caches a kernel for every
+    new shape, and each cached kernel holds about 1 MB. The rows of a linear layer are batch
+    rows x history length, which vary from batch to batch and epoch to epoch (a "sequence"
+    layout batch holds as many users as make ~256 samples): unpadded, a SASRec epoch brought
+    ~1,800 new matmul shapes, every epoch more, and a long run's memory grew by GBs. Padded,
+    the shapes are a fixed few hundred, and the padding costs at most 1/16 more rows."""
+    if not _cpu_bf16(x.device):
+        return F.linear(x, weight, bias)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    mp = padded_rows(m)
+    if mp == m or m == 0:
+        return F.linear(x, weight, bias)
+    x2 = F.pad(x.reshape(m, x.shape[-1]).to(torch.bfloat16), (0, 0, 0, mp - m))
+    return F.linear(x2, weight, bias)[:m].view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (the same parameters and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`. On a CPU: with attention dropout, the same math spelled
-    out so that the dropout mask is `keep_mask`'s (the fused kernel has no dropout on a CPU and
-    falls back to this very computation with `bernoulli_`); without, bf16 inputs are attended
-    in fp32. `attn_mask`: bool, True = attend."""
+    """`F.scaled_dot_product_attention`. On a CPU: always in fp32 (bf16 inputs, or a bf16
+    autocast, are attended in fp32 outside the autocast), and with attention dropout the same
+    math spelled out so that the dropout mask is `keep_mask`'s (the fused kernel has no dropout
+    on a CPU and falls back to this very computation with `bernoulli_`). `attn_mask`: bool,
+    True = attend.
+
+    Why fp32 on a CPU: torch's CPU flash-attention kernel is several times slower in bf16 than
+    in fp32 (its backward most: IGR-SR's frozen LID, trained through for its prefix/intent
+    tokens); and bf16 batched matmuls run through oneDNN, which compiles and caches a kernel of
+    about 1 MB for every (rows x length) shape: a SASRec epoch brought ~540 new ones, every epoch
+    more. The fp32 ones (MKL) keep no per-shape state and run as fast at these sizes."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    if dropout_p == 0.0:
-        if q.dtype == torch.float32:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        # torch's CPU flash-attention kernel is several times slower in bf16 than in fp32 (its
-        # backward most: IGR-SR's frozen LID, trained through for its prefix/intent tokens)
+    if q.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                               is_causal=is_causal)
+            y = attention(q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal)
         return y.to(q.dtype)
+    if dropout_p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if is_causal:
         L, S = q.shape[-2], k.shape[-2]
@@ -140,8 +186,8 @@ class SelfAttention(nn.Module):
         if d % heads:
             raise ValueError(f"hidden size {d} is not divisible by {heads} heads")
         self.heads, self.attn_dropout = heads, attn_dropout
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
+        self.qkv = Linear(d, 3 * d)
+        self.out = Linear(d, d)
 
     def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,8 +221,8 @@ class SelfAttention(nn.Module):
         w, b = self.qkv.weight, self.qkv.bias
         slot, Q = _slots(rows, B)
         grouped = B * Q <= 2 * T
-        qt = F.linear(x[rows, cols], w[:d], b[:d])
-        k, v = F.linear(x, w[d:], b[d:]).view(B, L, 2, H, d // H).permute(2, 0, 3, 1, 4)
+        qt = linear(x[rows, cols], w[:d], b[:d])
+        k, v = linear(x, w[d:], b[d:]).view(B, L, 2, H, d // H).permute(2, 0, 3, 1, 4)
         col = torch.arange(L, device=x.device)
         keep = col <= cols[:, None]
         if starts is not None:
@@ -187,7 +233,7 @@ class SelfAttention(nn.Module):
         else:  # (T, 1) queries, each with a copy of its row's keys
             q, keep, k, v = qt[:, None], keep[:, None], k.index_select(0, rows), v.index_select(0, rows)
         if prefix is not None:
-            kp, vp = F.linear(prefix, w[d:], b[d:]).view(1, -1, 2, H, d // H).permute(2, 0, 3, 1, 4)
+            kp, vp = linear(prefix, w[d:], b[d:]).view(1, -1, 2, H, d // H).permute(2, 0, 3, 1, 4)
             n = k.shape[0]
             k, v = torch.cat([kp.expand(n, -1, -1, -1), k], 2), torch.cat([vp.expand(n, -1, -1, -1), v], 2)
             keep = torch.cat([keep.new_ones(*keep.shape[:2], prefix.shape[1]), keep], -1)
@@ -205,7 +251,7 @@ class SelfAttention(nn.Module):
         B, L, d = x.shape
         H, k = self.heads, xp.shape[1]
         w, b = self.qkv.weight, self.qkv.bias
-        kp, vp = F.linear(xp, w[d:], b[d:]).view(1, k, 2, H, d // H).permute(2, 0, 3, 1, 4)
+        kp, vp = linear(xp, w[d:], b[d:]).view(1, k, 2, H, d // H).permute(2, 0, 3, 1, 4)
         q, kx, vx = self.qkv(x).view(B, L, 3, H, d // H).permute(2, 0, 3, 1, 4)
         keys = torch.cat([kp.expand(B, -1, -1, -1), kx], dim=2)
         values = torch.cat([vp.expand(B, -1, -1, -1), vx], dim=2)
@@ -232,9 +278,9 @@ class CrossAttention(nn.Module):
     def __init__(self, d: int, heads: int, attn_dropout: float):
         super().__init__()
         self.heads, self.attn_dropout = heads, attn_dropout
-        self.q = nn.Linear(d, d)
-        self.kv = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, d)
+        self.q = Linear(d, d)
+        self.kv = Linear(d, 2 * d)
+        self.out = Linear(d, d)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, L, d = x.shape
@@ -249,7 +295,7 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d: int, inner: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, inner), nn.Linear(inner, d)
+        self.fc1, self.fc2 = Linear(d, inner), Linear(inner, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -289,10 +335,6 @@ class Packed:
 
 
 _PACKED_ROW_MULTIPLE = 8  # packed rows are ~50 tokens wide: at most ~3% padding, a few shapes
-
-
-def _cpu_bf16(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def pack(items: torch.Tensor, lengths: torch.Tensor) -> Packed:

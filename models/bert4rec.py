@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import Dropout, SequentialRecommender, TransformerConfig, init_weights
+from models.base import Dropout, Linear, SequentialRecommender, TransformerConfig, init_weights
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -108,7 +108,7 @@ class BERT4Rec(SequentialRecommender):
         self.emb_ln = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(PostLNBlock(cfg) for _ in range(cfg.layers))
-        self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+        self.head = nn.Sequential(Linear(cfg.hidden, cfg.hidden), nn.GELU(),
                                   nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps))
         self.out_bias = nn.Parameter(torch.zeros(n_items + 1))
         self.apply(lambda m: init_weights(m, cfg.init_std))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import Dropout, NextItemModel
+from models.base import Dropout, Linear, NextItemModel
 
 
 @dataclass
@@ -43,7 +43,7 @@ class GRU4Rec(NextItemModel):
         self.item_emb = nn.Embedding(n_items + 1, cfg.embedding, padding_idx=0)
         self.emb_drop = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.embedding, cfg.hidden, num_layers=cfg.layers, bias=False, batch_first=True)
-        self.dense = nn.Linear(cfg.hidden, cfg.embedding)
+        self.dense = Linear(cfg.hidden, cfg.embedding)
         nn.init.xavier_normal_(self.item_emb.weight)
         for name, p in self.gru.named_parameters():
             if name.startswith(("weight_ih", "weight_hh")):

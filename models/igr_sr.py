@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import (CrossAttention, Dropout, FeedForward, SelfAttention, SequentialRecommender,
+from models.base import (CrossAttention, Dropout, FeedForward, Linear, SelfAttention, SequentialRecommender,
                          TransformerConfig, dropout, info_nce, init_weights, last_position)
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import SASRec
@@ -156,7 +156,7 @@ class IGRSR(SequentialRecommender):
         self.layers = nn.ModuleList(DualAttentionLayer(cfg, cross) for _ in range(cfg.layers))
         if cfg.use_lid:
             d_l = lid_encoder.cfg.hidden
-            self.projection = nn.Sequential(nn.Linear(d_l, d), nn.GELU(), nn.Linear(d, d))
+            self.projection = nn.Sequential(Linear(d_l, d), nn.GELU(), Linear(d, d))
         self.apply(lambda mod: init_weights(mod, cfg.init_std))
         # after apply(): the LID's encoder keeps its pre-trained weights
         self.lid = LatentIntentDistiller(lid_encoder, cfg.k, cfg.m, cfg.init_std) if cfg.use_lid else None

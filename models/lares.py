@@ -79,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import (Dropout, Packed, SelfAttention, SequentialRecommender, TransformerConfig, init_weights,
+from models.base import (Dropout, Linear, Packed, SelfAttention, SequentialRecommender, TransformerConfig, init_weights,
                          last_position, pack)
 from models.icsrec import build_partner_index, same_target_partners
 from models.losses import item_scores, linear_cross_entropy
@@ -117,7 +117,7 @@ class PreLNBlock(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.attn = SelfAttention(cfg.hidden, cfg.heads, cfg.attn_dropout)
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.fc1, self.fc2 = nn.Linear(cfg.hidden, cfg.inner), nn.Linear(cfg.inner, cfg.hidden)
+        self.fc1, self.fc2 = Linear(cfg.hidden, cfg.inner), Linear(cfg.inner, cfg.hidden)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +165,7 @@ class LARES(SequentialRecommender):
         self.emb_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.emb_drop = Dropout(cfg.dropout)
         self.pre = nn.ModuleList(PreLNBlock(cfg) for _ in range(cfg.pre_layers))
-        self.adapter = nn.Linear(2 * d, d) if cfg.aggregate == "concat" else None
+        self.adapter = Linear(2 * d, d) if cfg.aggregate == "concat" else None
         self.core_ln = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.core = nn.ModuleList(PreLNBlock(cfg) for _ in range(cfg.core_layers))
         self.apply(lambda m: init_weights(m, cfg.init_std))

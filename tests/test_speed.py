@@ -1,13 +1,14 @@
 """Restructured computations give what the straightforward ones give: the fast CPU dropout
 (same distribution), attention spelled out for its dropout (same math as SDPA), attention at
-chosen positions only (the full pass read there)."""
+chosen positions only (the full pass read there), linear layers with their rows padded under
+CPU bf16 (the same rows, from a bounded set of matmul shapes)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.base import Dropout, attention, dropout, keep_mask
+from models.base import Dropout, Linear, attention, dropout, keep_mask, linear, padded_rows
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.8])
@@ -107,3 +108,70 @@ def test_attention_at_chosen_positions_is_the_full_pass_there(layout, grouped):
     inputs = [x, *attn.parameters()] + ([prefix] if prefix is not None else [])
     for a, b in zip(torch.autograd.grad((got * probe).sum(), inputs), torch.autograd.grad((expected * probe).sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_rows_is_a_small_grid_at_most_a_sixteenth_above():
+    grid = {padded_rows(m) for m in range(1, 1 << 17)}
+    assert len(grid) < 200
+    for m in list(range(1, 5000)) + [12_345, 65_537, 100_000]:
+        r = padded_rows(m)
+        assert r >= m and r % 8 == 0 and padded_rows(r) == r
+        assert r - m < 8 or r <= m * 17 / 16
+
+
+def _bf16_cpu():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 16), (37, 16), (300, 16), (2, 0, 16)])
+def test_padded_linear_gives_the_unpadded_rows_and_gradients(shape):
+    torch.manual_seed(0)
+    lin = Linear(16, 24)
+    x = torch.randn(*shape, requires_grad=True)
+    with _bf16_cpu():
+        y = lin(x)
+    (y.float() * torch.linspace(-1, 1, 24)).sum().backward()
+    got = (y.detach(), x.grad, lin.weight.grad, lin.bias.grad)
+    for t in (x, lin.weight, lin.bias):
+        t.grad = None
+    with _bf16_cpu():
+        ref = F.linear(x, lin.weight, lin.bias)
+    (ref.float() * torch.linspace(-1, 1, 24)).sum().backward()
+    assert y.shape == ref.shape and y.dtype == ref.dtype == torch.bfloat16
+    for a, b in zip(got, (ref.detach(), x.grad, lin.weight.grad, lin.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    # outside a CPU bf16 autocast it is F.linear itself
+    torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
+
+
+def test_cpu_bf16_matmul_shapes_come_from_a_fixed_set():
+    """oneDNN compiles and keeps (~1 MB each) a kernel per bf16 matmul shape: over batches of
+    every (rows, length), SASRec's encoder must only ever use grid row counts and no bf16
+    batched matmul (attention runs in fp32 on a CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.sasrec import SASRec, SASRecConfig
+
+    seen: list[tuple[str, tuple]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm") and any(
+                    t.dtype == torch.bfloat16 for t in tensors):
+                seen.append((func.__name__, tuple(tuple(t.shape) for t in tensors)))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(hidden=16, inner=32, max_len=20), n_items=30).train()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        B, L = (int(v) for v in torch.randint(1, 40, (2,), generator=gen))
+        items = torch.randint(1, 31, (B, min(L, 20)), generator=gen)
+        with Record():
+            with _bf16_cpu():
+                h = model.encode(items)
+            h.float().sum().backward()
+    assert seen and not [s for s in seen if s[0].startswith(("bmm", "baddbmm"))]
+    dims = {d for _, shapes in seen for shape in shapes for d in shape}
+    assert all(padded_rows(d) == d for d in dims), sorted(d for d in dims if padded_rows(d) != d)
