@@ -127,8 +127,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     new shape, and each cached kernel holds about 1 MB. The rows of a linear layer are batch
     rows x history length, which vary from batch to batch and epoch to epoch (a "sequence"
     layout batch holds as many users as make ~256 samples): unpadded, a SASRec epoch brought
-    ~1,800 new matmul shapes, every epoch more, and a long run's memory grew by GBs. Padded,
-    the shapes are a fixed few hundred, and the padding costs at most 1/16 more rows."""
+    ~1,200 new linear-layer matmul shapes, every epoch more, and the process grew by 80-260 MB
+    per 60 batches. Padded, they are a fixed few hundred, for at most 1/16 more rows."""
     if not _cpu_bf16(x.device):
         return F.linear(x, weight, bias)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -148,25 +148,21 @@ class Linear(nn.Linear):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
-    """`F.scaled_dot_product_attention`. On a CPU: always in fp32 (bf16 inputs, or a bf16
-    autocast, are attended in fp32 outside the autocast), and with attention dropout the same
-    math spelled out so that the dropout mask is `keep_mask`'s (the fused kernel has no dropout
-    on a CPU and falls back to this very computation with `bernoulli_`). `attn_mask`: bool,
-    True = attend.
-
-    Why fp32 on a CPU: torch's CPU flash-attention kernel is several times slower in bf16 than
-    in fp32 (its backward most: IGR-SR's frozen LID, trained through for its prefix/intent
-    tokens); and bf16 batched matmuls run through oneDNN, which compiles and caches a kernel of
-    about 1 MB for every (rows x length) shape: a SASRec epoch brought ~540 new ones, every epoch
-    more. The fp32 ones (MKL) keep no per-shape state and run as fast at these sizes."""
+    """`F.scaled_dot_product_attention`. On a CPU: with attention dropout, the same math spelled
+    out so that the dropout mask is `keep_mask`'s (the fused kernel has no dropout on a CPU and
+    falls back to this very computation with `bernoulli_`); without, bf16 inputs are attended
+    in fp32. `attn_mask`: bool, True = attend."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    if q.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            y = attention(q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal)
-        return y.to(q.dtype)
     if dropout_p == 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if q.dtype == torch.float32:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        # torch's CPU flash-attention kernel is several times slower in bf16 than in fp32 (its
+        # backward most: IGR-SR's frozen LID, trained through for its prefix/intent tokens)
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                               is_causal=is_causal)
+        return y.to(q.dtype)
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if is_causal:
         L, S = q.shape[-2], k.shape[-2]
