@@ -52,3 +52,15 @@ def test_layers_import_only_downwards():
     for module in graph:
         if module.startswith("models"):  # models are pure torch: nothing of the harness
             assert not {m for m in graph[module] if m.startswith("harness")}, module
+
+
+def test_models_build_linear_layers_from_the_padded_linear():
+    """ARCHITECTURE.md: a model's linear layers are `models.base.Linear` (rows padded to a fixed
+    grid under CPU bf16, so oneDNN's kernel cache stays bounded), never a bare `nn.Linear`."""
+    bare = []
+    for p in sorted((REPO / "models").glob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "Linear"
+                    and isinstance(n.func.value, ast.Name) and n.func.value.id == "nn"):
+                bare.append(f"{p.name}:{n.lineno}")
+    assert not bare, bare
