@@ -109,9 +109,6 @@ def _cpu_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-_ROW_STEPS_PER_OCTAVE = 16
-
-
 def padded_rows(m: int) -> int:
     """`m` rounded up to a multiple of 8 below 256, above on a grid of 16 steps per power of two:
     at most 1/16 more rows (3% on average), and under 200 row counts in all up to 2^17."""
@@ -133,7 +130,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     mp = padded_rows(m)
-    if mp == m or m == 0:
+    if mp == m:
         return F.linear(x, weight, bias)
     x2 = F.pad(x.reshape(m, x.shape[-1]).to(torch.bfloat16), (0, 0, 0, mp - m))
     return F.linear(x2, weight, bias)[:m].view(*x.shape[:-1], weight.shape[0])
