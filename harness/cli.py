@@ -10,14 +10,75 @@ import click
 from harness.errors import HarnessError
 
 
+# Commands that train: SIGTERM, SIGUSR1 and a first Ctrl-C stop them after the epoch in flight
+# (harness/stopping.py); the rest (dashboard, report...) keep Python's own signal handling.
+STOPPABLE = {"train", "tune", "paper"}
+
+
 class HarnessGroup(click.Group):
-    """Turns HarnessError (bad input, missing data) into one line and exit code 1."""
+    """Turns HarnessError (bad input, missing data) into one line and exit code 1, and a run
+    stopped by --stop-after or a signal into one line and exit code 75 (retry later)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["harness.argv"] = list(args)  # the command line, for "continue with: ..."
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
+        import signal
+
+        from harness import stopping
+
+        argv = ctx.meta.get("harness.argv", [])
+        command = next((a for a in argv if a in self.commands), None)
+        stoppable = command in STOPPABLE or command in _experiment_kinds()
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)} if stoppable else {}
+        if stoppable:
+            if "--worker" not in argv:
+                stopping.reset()  # a worker inherits its parent's deadline (HARNESS_DEADLINE)
+            stopping.install_signal_handlers(lambda line: click.echo(line, err=True))
         try:
             return super().invoke(ctx)
         except HarnessError as e:
             raise click.ClickException(str(e)) from None
+        except stopping.RunStopped as e:
+            import shlex
+
+            click.echo(f"{e}; continue with: {shlex.join(['harness', *argv])}", err=True)
+            ctx.exit(stopping.EXIT_STOPPED)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def _experiment_kinds() -> set[str]:
+    from harness import kinds
+
+    return set(kinds.names())
+
+
+def stop_after_option(f):
+    """--stop-after: stop cleanly before a deadline; the same command continues (exit 75)."""
+
+    def start(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        from harness import stopping
+
+        if value is None or ctx.resilient_parsing:
+            return value
+        try:
+            seconds = stopping.parse_duration(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        if seconds <= 0:
+            raise click.BadParameter(f"{value!r}: expected a positive duration")
+        if ctx.params.get("worker_index") is None and "--worker" not in ctx.find_root().meta.get("harness.argv", []):
+            stopping.set_deadline(seconds)
+        return value
+
+    return click.option("--stop-after", default=None, metavar="DURATION", callback=start, expose_value=False,
+                        help="Stop cleanly by then (e.g. 2h30m, 45m, 90s): start no run that cannot finish "
+                             "before it, let runs in flight finish their epoch and save a checkpoint, print "
+                             "what is left and exit 75; the same command continues. SIGTERM, SIGUSR1 and a "
+                             "first Ctrl-C stop the same way at once.")(f)
 
 
 def _console():
@@ -99,6 +160,7 @@ def run_spec(ctx: click.Context, model: str, dataset: str, params: tuple[str, ..
 @click.option("--model", required=True, help="A registered model, e.g. sasrec, igr-sr, igr-sr/wo-icr.")
 @click.option("--dataset", required=True, help="toys, instrument, cds_and_vinyl, synthetic[-SCALE] or a file path.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable).")
+@stop_after_option
 @trainer_options
 @click.pass_context
 def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], **kw) -> None:
@@ -314,8 +376,8 @@ def _given_options(ctx: click.Context, **overrides) -> list[str]:
 
     argv: list[str] = []
     for param in ctx.command.params:
-        if not isinstance(param, click.Option):
-            continue
+        if not isinstance(param, click.Option) or not param.expose_value:
+            continue  # --stop-after: workers inherit the deadline itself (HARNESS_DEADLINE)
         if param.name in overrides:
             value = overrides[param.name]
         elif ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
@@ -360,6 +422,7 @@ def _given_options(ctx: click.Context, **overrides) -> list[str]:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="An extra fixed model parameter for every trial (part of the study's definition).")
 @click.option("--worker", "worker_index", type=int, default=None, hidden=True)
+@stop_after_option
 @trainer_options
 @click.pass_context
 def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | None, trials: int | None,
@@ -464,7 +527,7 @@ def _experiment_command(kind) -> click.Command:
 
     command = trainer_options(command)
     for option in reversed([click.option("--dataset", required=True, help=kind.dataset_help), *kind.options,
-                            _SEEDS, _PARAMS, _STORAGE]):
+                            _SEEDS, _PARAMS, _STORAGE, stop_after_option]):
         command = option(command)
     return click.command(kind.name, help=kind.help)(command)
 
@@ -541,7 +604,11 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
               help="Local processes per stage (tune workers, or processes filling a grid).")
 @click.option("--storage", envvar="HARNESS_STORAGE", default=None, help=_STORAGE_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Tables, figures and manifest. Default <results-dir>/paper/<dataset>.")
+              help="Tables, figures and manifest. Default <results-dir>/paper/<dataset>, or RUN_DIR/report.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="One self-contained folder for the whole run: study journal, run records and per-user "
+                   "ranks (no weights), pre-trained encoders, checkpoints of runs in flight, report. Copy it "
+                   "anywhere and run the same command there to continue; the report rebuilds from it alone.")
 @click.option("--prefix", default="paper", show_default=True, help="Study names: PREFIX-MODEL-DATASET, PREFIX-compare-DATASET...")
 @click.option("--stages", default="tune,compare,ablate,sensitivity,robustness,report", show_default=True,
               help="The stages to run, in this order; each resumes from the stores.")
@@ -559,8 +626,10 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--worker", "worker_index", type=int, default=None, hidden=True)
+@stop_after_option
 @click.pass_context
-def paper(ctx: click.Context, dataset: str, models_: str | None, storage: str | None, out: str | None, stages: str,
+def paper(ctx: click.Context, dataset: str, models_: str | None, storage: str | None, out: str | None,
+          run_dir: str | None, stages: str,
           patience: int | None, seed: int, device: str, precision: str, lid_epochs: int, worker_index: int | None,
           no_bench: bool, **kw) -> None:
     """The paper's pipeline on one dataset, resumable: tune every model under one budget, then
@@ -582,7 +651,7 @@ def paper(ctx: click.Context, dataset: str, models_: str | None, storage: str | 
     job = PaperJob(dataset=dataset, base=run_spec(ctx, "igr-sr", dataset, (), train),
                    results_dir=ctx.obj["results_dir"], models=[m for m in (models_ or "").split(",") if m] or None,
                    storage=storage, out=Path(out) if out else None, stages=tuple(s for s in stages.split(",") if s),
-                   bench=not no_bench, worker=worker_index, given=given,
+                   bench=not no_bench, worker=worker_index, given=given, run_dir=Path(run_dir) if run_dir else None,
                    argv=tuple(_given_options(ctx, worker_index=None)), **kw)
 
     def worker_argv(stage: str, index: int, overrides: dict) -> list[str]:

@@ -22,9 +22,10 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from harness import faults, kinds
+from harness import faults, kinds, stopping
 from harness.errors import HarnessError, first_line
 from harness.runs import NOISE_ON, TRAINER_KEYS, RunSpec, run, train_identity
+from harness.stopping import RunStopped
 from harness.store import (artifact_store, check_writable, claim_lock, heartbeat, open_storage, recover, store_record,
                            this_worker)
 from harness.studies import load_study_file, study_file_for
@@ -206,8 +207,14 @@ WAIT = 5.0  # seconds between looks at cells another live process is running
 
 def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, storage_url: str | None,
                    results_dir: Path, notes: list[str], echo: Callable[[str], None] = print,
-                   reuse: tuple[str, ...] = ()) -> optuna.Study:
+                   reuse: tuple[str, ...] = (),
+                   estimate: Callable[[Cell], float | None] | None = None) -> optuna.Study:
     """Run every cell of study `name` that is not COMPLETE; return the study once all are.
+
+    Under --stop-after no cell starts that cannot finish before the deadline (`estimate(cell)`
+    seconds, else what this study's cells of the same model took); a cell in flight at the
+    deadline or a signal stops after its epoch and runs on from its checkpoint when the grid
+    is resumed (RunStopped).
 
     `reuse`: other experiment studies whose COMPLETE cells of the same key (the same run:
     model, data, noise, parameters, seed, trainer) are copied in instead of trained again, e.g.
@@ -249,6 +256,12 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
             trial = None
             if todo:
                 key = todo[0]
+                if not stopping.room_for(cell_seconds(study, by_key[key], estimate)):
+                    why = stopping.stop_due()
+                    kind_ = RunStopped if why else stopping.NoRoom
+                    why = why or "the next cell would not finish before the --stop-after deadline"
+                    raise kind_(f"{name} stopped ({why}): {len(set(keys) & done)} / {len(set(keys))} cells done, "
+                                f"{len(set(keys) - done)} left")
                 trial = study.ask()
                 trial.set_user_attr("cell", key)
                 trial.set_user_attr("worker", this_worker())
@@ -257,9 +270,24 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
                 return study
             time.sleep(WAIT)  # another live process runs the rest: the grid is whole when it is done
             continue
-        if not _run_cell(study, trial, by_key[key], base, store, echo,
-                         f"[{len(set(keys) & done) + 1}/{len(set(keys))}]"):
+        try:
+            ok = _run_cell(study, trial, by_key[key], key, base, store, echo,
+                           f"[{len(set(keys) & done) + 1}/{len(set(keys))}]")
+        except RunStopped as e:
+            raise RunStopped(f"{name} stopped ({e}): {len(set(keys) & done)} / {len(set(keys))} cells done, "
+                             f"{len(set(keys) - done)} left (the one in flight continues from its checkpoint)") from None
+        if not ok:
             tried.add(key)
+
+
+def cell_seconds(study: optuna.Study, cell: Cell, estimate: Callable[[Cell], float | None] | None) -> float | None:
+    """The median time this study's finished cells of the same model took, else `estimate`."""
+    took = sorted(t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if t.user_attrs.get("seconds") and (t.user_attrs.get("cell_info") or {}).get("model") == cell.model
+                  and not t.user_attrs.get("reused_from"))
+    if took:
+        return took[len(took) // 2]
+    return estimate(cell) if estimate is not None else None
 
 
 def _copy_done_cells(study: optuna.Study, keys: list[str], donors: tuple[str, ...], storage,
@@ -294,7 +322,7 @@ def _cell_states(study: optuna.Study) -> tuple[set[str], set[str]]:
     return done, busy - done
 
 
-def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, base: RunSpec, store,
+def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, key: str, base: RunSpec, store,
               echo: Callable[[str], None], counter: str) -> bool:
     """Train one claimed cell and tell its result; False if it failed with an error."""
     # the cell as a user attr, not params: one-choice categoricals that differ between
@@ -308,18 +336,25 @@ def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, base: RunSpe
     echo(f"{counter} {cell.label} on {cell.dataset} seed {cell.seed}"
          + (f" noise {cell.noise:g}" if cell.noise else "")
          + (f" ({cell.noise_on} histories only)" if cell.noise and cell.noise_on != "all" else ""))
+    checkpoint = cell_checkpoint(study.study_name, key, spec)
     try:
         with heartbeat(study, trial):
-            record = run(spec, progress=False, on_epoch=lambda epoch, row: faults.point("epoch"))
-            store_record(trial, record, store)
+            record = run(spec, progress=False, on_epoch=lambda epoch, row: faults.point("epoch"), checkpoint=checkpoint)
+            store_record(trial, record, store, weights=base.keep_weights)
             faults.point("cell")
     except BaseException as e:
         reason = first_line(e) if isinstance(e, HarnessError) else f"{type(e).__name__}: {first_line(e)}"
         if isinstance(e, KeyboardInterrupt):
             reason = "interrupted"
+        if isinstance(e, RunStopped):
+            # the cell runs again when the grid is resumed, from this checkpoint (the cell's key
+            # names it), so it ends as the uninterrupted run would have
+            trial.set_user_attr("suspended", reason)
+        else:
+            checkpoint.unlink(missing_ok=True)
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
-        if isinstance(e, (HarnessError, KeyboardInterrupt)):
+        if isinstance(e, (HarnessError, KeyboardInterrupt, RunStopped)):
             raise
         echo(f"  failed: {reason}")
         return False
@@ -328,6 +363,15 @@ def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, base: RunSpe
     echo(f"  test recall@10 {t['recall@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} "
          f"(best epoch {record.result['best_epoch']}, {record.seconds:.0f} s)")
     return True
+
+
+def cell_checkpoint(study_name: str, key: str, spec: RunSpec) -> Path:
+    """The in-flight checkpoint of an experiment cell: named by its study and its key (the
+    run's whole identity), so the cell's rerun, in any process, finds it."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([study_name, key]).encode()).hexdigest()[:16]
+    return spec.checkpoint_root / f"{study_name.replace('/', '_')}-{digest}.pt"
 
 
 def experiment_studies(storage) -> list[tuple[str, dict]]:

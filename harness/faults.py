@@ -5,7 +5,9 @@ no-op costing one dict lookup).
     HARNESS_FAULT="POINT:N[:ACTION][@WORKER]"
 
 kills this process (ACTION `kill`, the default: SIGKILL, as the kernel's OOM killer or a lost
-machine would) or raises a disk-full OSError (ACTION `enospc`) the N-th time it reaches POINT,
+machine would), sends it SIGTERM (ACTION `term`: a scheduler's or a user's request to stop,
+which harness/stopping.py turns into a clean stop) or raises a disk-full OSError (ACTION
+`enospc`) the N-th time it reaches POINT,
 only in tune worker WORKER when given (HARNESS_WORKER, set by the parent; 0 is the parent).
 Points: `trial` (a tune trial has started, before its worker is recorded on it), `epoch` (an
 epoch's validation is reported), `artifact` (before each artifact upload),
@@ -31,6 +33,7 @@ def point(name: str) -> None:
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] != int(n):
         return
-    if (action or ["kill"])[0] == "enospc":
+    what = (action or ["kill"])[0]
+    if what == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {name}>")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)

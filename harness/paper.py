@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from harness import stopping
 from harness.errors import HarnessError
 from harness.paper_plan import (PROPOSED, LR_RANGE, VARIANT_POLICY, PaperJob, Budget, Cost, Item, StagePlan,
                                 _split, _ints, variants, check, measure_costs, _study_file,
@@ -228,7 +229,8 @@ def _group_argv(job: PaperJob) -> list[str]:
 
 def _trainer_argv(job: PaperJob, final: bool) -> list[str]:
     train = job.base.train
-    argv = ["--device", train.device, "--precision", train.precision, "--seed", str(train.seed),
+    seed = job.final_seeds[0] if final else train.seed
+    argv = ["--device", train.device, "--precision", train.precision, "--seed", str(seed),
             "--lid-epochs", str(job.base.lid_epochs)]
     if "patience" in job.given:
         argv += ["--patience", str(train.patience)]
@@ -299,6 +301,7 @@ class Context:
     manifest: Manifest | None
     echo: Callable[[str], None]
     worker_argv: Callable[[str, int, dict], list[str]] | None
+    costs: dict[str, Cost] = field(default_factory=dict)  # each model's measured cost (the plan's)
     commands: list[str] = field(default_factory=list)  # the running stage's command-equivalents
     outputs: list[str] = field(default_factory=list)
 
@@ -323,7 +326,8 @@ def _tune_one(ctx: Context, plan: StagePlan, item: Item, study_file, model: str 
                  base=dataclasses.replace(job.tune_base(budget), model=study_file.model),
                  results_dir=job.results_dir, storage_url=job.storage, study_name=item.study, trials=trials,
                  workers=job.workers, pruner=budget.pruner, min_epochs=budget.first_rung,
-                 given_flags=job.tune_given)
+                 given_flags=job.tune_given,
+                 epoch_seconds=ctx.costs[study_file.model].epoch if study_file.model in ctx.costs else None)
 
     def worker(name: str, index: int) -> list[str]:
         return [sys.executable, "-m", "harness", *argv, "--worker", str(index)]
@@ -390,8 +394,17 @@ def stage_tune(ctx: Context) -> None:
     from harness.studies import pick_study_file
 
     plan = ctx.plan("tune")
+    waiting: list[str] = []
     for item, model in zip(plan.items, ctx.names):
-        _tune_one(ctx, plan, item, pick_study_file(None, model, {}), model, None, ctx.budget.trials)
+        try:
+            _tune_one(ctx, plan, item, pick_study_file(None, model, {}), model, None, ctx.budget.trials)
+        except stopping.NoRoom as e:
+            # this model's next trial does not fit before the deadline: a shorter one of the
+            # next model's may (short runs near the deadline); the rest waits for the resume
+            ctx.echo(f"{model}: {e}")
+            waiting.append(model)
+    if waiting:
+        raise stopping.NoRoom(f"tune: the next trial of {', '.join(waiting)} would not finish before the deadline")
 
 
 def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list, notes: list[str],
@@ -693,6 +706,11 @@ def run_paper(job: PaperJob, worker_argv: Callable[[str, int, dict], list[str]] 
         "study_files": {m: {"path": str(_study_file(m).path), "trials": _study_file(m).trials,
                             "pruner": [_study_file(m).pruner[0], _study_file(m).pruner[1]],
                             "enqueued": len(_study_file(m).enqueue)} for m in names},
+        "seeds": {"tuning": job.base.train.seed, "final": job.final_seeds,
+                  "sensitivity": job.final_seeds[:1] + [job.final_seeds[0] + i for i in range(1, job.sensitivity_seeds)],
+                  "note": "every tuning trial runs on the tuning seed; every reported run (compare, ablate, "
+                          "sensitivity, robustness) on the final seeds, disjoint from it"},
+        "run_dir": None if job.run_dir is None else str(job.run_dir),
         "variant_parameters": VARIANT_POLICY,
         "noise_reading": _noise_reading(job.noise_on),
         "sensitivity_grid": {"k": _ints("--k", job.ks), "m": _ints("--m", job.ms)},
@@ -701,7 +719,35 @@ def run_paper(job: PaperJob, worker_argv: Callable[[str, int, dict], list[str]] 
     })
     manifest.save()
     progress = Progress(plans, job.workers, console)
-    ctx = Context(job, names, budget, plans, progress, manifest, echo, worker_argv)
+    ctx = Context(job, names, budget, plans, progress, manifest, echo, worker_argv, costs=costs)
+    try:
+        return _run_stages(ctx, manifest)
+    except stopping.RunStopped as e:
+        raise type(e)(_stopped_line(ctx, manifest, str(e))) from None
+
+
+def _stopped_line(ctx: Context, manifest: Manifest, why: str) -> str:
+    """After a stop: the partial report (what is finished; pending cells marked), then one
+    line: runs done / total, what is left, the ETA."""
+    job = ctx.job
+    if "report" in job.stages and job.worker is None:
+        try:
+            ctx.commands, ctx.outputs = [], []
+            stage_report(ctx)
+            manifest.stage("report").update({"outputs": ctx.outputs, "status": "partial", "last_checked": _now()})
+            manifest.save()
+        except (HarnessError, OSError, KeyError, ValueError) as e:  # the stores are what counts
+            ctx.echo(f"warning: the partial report could not be written ({e})")
+    fill_done(job, ctx.plans, ctx.budget)
+    done = sum(p.done for p in ctx.plans)
+    total = sum(p.runs for p in ctx.plans)
+    stage = next((p.name for p in ctx.plans if p.done < p.runs), "report")
+    return (f"paper stopped in stage {stage} ({why.splitlines()[0] if why else 'stopped'}): {done} / {total} runs "
+            f"done, {total - done} left; ETA {format_duration(total_seconds(ctx.plans, job.workers))}")
+
+
+def _run_stages(ctx: Context, manifest: Manifest) -> list:
+    job, plans, progress = ctx.job, ctx.plans, ctx.progress
     made: list = []
     for plan in plans:
         ctx.commands, ctx.outputs = [], []
@@ -723,9 +769,11 @@ def run_paper(job: PaperJob, worker_argv: Callable[[str, int, dict], list[str]] 
                           "last_checked": _now()})
             if ctx.outputs:
                 entry["outputs"] = ctx.outputs
-            if new > 0 or plan.name == "report" or not entry["sessions"]:
+            if new > 0 or plan.name == "report" or not entry["sessions"] or status != "done":
+                from harness.runs import git_commit
+
                 entry["sessions"].append({"started": started, "ended": _now(), "seconds": round(seconds, 1),
-                                          "new_runs": new})
+                                          "new_runs": new, "commit": git_commit()})
                 entry["wall_seconds"] = round(entry["wall_seconds"] + seconds, 1)
             manifest.save()
         progress.show(plan)

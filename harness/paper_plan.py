@@ -81,6 +81,23 @@ class PaperJob:
     worker: int | None = None  # a worker process of an experiment stage (started by the parent)
     given: frozenset[str] = frozenset()  # options given on the command line ("patience", "final_epochs")
     argv: tuple[str, ...] = ()  # the paper command's own options as given, for the manifest
+    # one self-contained folder for the whole run (--run-dir): the study journal, finished runs'
+    # records and per-user ranks (no weights), the pre-trained models runs need, checkpoints of
+    # runs in flight, the report; relative paths, so the folder continues on any machine
+    run_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_dir is None:
+            return
+        if self.storage is not None:
+            raise HarnessError("--storage: --run-dir keeps the study journal inside the run folder "
+                               f"({self.run_dir / 'optuna.journal'}); give one or the other")
+        self.storage = str(self.run_dir / "optuna.journal")
+        self.results_dir = self.run_dir
+        if self.out is None:
+            self.out = self.run_dir / "report"
+        self.base = dataclasses.replace(self.base, pretrained_dir=self.run_dir / "pretrained",
+                                        checkpoint_dir=self.run_dir / "inflight", keep_weights=False)
 
     @property
     def data_name(self) -> str:
@@ -97,7 +114,14 @@ class PaperJob:
         return dataclasses.replace(self.base, train=dataclasses.replace(self.base.train, epochs=budget.epochs))
 
     def final_base(self):
-        return dataclasses.replace(self.base, train=dataclasses.replace(self.base.train, epochs=self.final_epochs))
+        """The experiments' runs: the final epoch cap, and seeds after the tuning seed (--seed + 1,
+        + 2, ...), so that no reported run shares the seed its parameters were selected on."""
+        return dataclasses.replace(self.base, train=dataclasses.replace(self.base.train, epochs=self.final_epochs,
+                                                                        seed=self.final_seeds[0]))
+
+    @property
+    def final_seeds(self) -> list[int]:
+        return [self.base.train.seed + 1 + i for i in range(self.seeds)]
 
     @property
     def tune_given(self) -> frozenset[str]:
@@ -276,7 +300,7 @@ def measure_costs(job: PaperJob, names: list[str], data, threads: int,
 
     device = str(resolve_device(job.base.train.device))
     scale = data.n_interactions / TOYS_INTERACTIONS
-    folder = job.base.cache_dir / "paper-bench"
+    folder = cost_folder(job)
     costs: dict[str, Cost] = {}
     for model in names:
         params = first_params(model)
@@ -312,6 +336,12 @@ def measure_costs(job: PaperJob, names: list[str], data, threads: int,
         _write_text(path, json.dumps({**key, "seconds_per_epoch": report["seconds_per_epoch"],
                                       "eval_seconds": report["eval_seconds"], "when": when}, indent=1, default=str))
     return costs
+
+
+def cost_folder(job: PaperJob) -> Path:
+    """Where measured costs are cached: in the run folder with --run-dir (a resumed run on
+    another machine of the same kind plans with the same figures), else the cache directory."""
+    return job.run_dir / "costs" if job.run_dir is not None else job.base.cache_dir / "paper-bench"
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,7 +487,7 @@ def _cost_sources(job: PaperJob, costs: dict[str, Cost]) -> str:
     if cached:
         span = cached[0][:16] if cached[0][:16] == cached[-1][:16] else f"{cached[0][:16]} to {cached[-1][:16]}"
         parts.append(f"bench ({len(cached)} figures, cached {span.replace('T', ' ')} UTC in "
-                     f"{job.base.cache_dir / 'paper-bench'}: delete to measure again)")
+                     f"{cost_folder(job)}: delete to measure again)")
     return "; ".join(parts)
 
 

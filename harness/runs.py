@@ -54,6 +54,23 @@ class RunSpec:
     # and the validation/test histories), "train" (evaluation reads the clean histories) or
     # "eval" (training on clean data, evaluation reads the perturbed histories)
     noise_on: str = "all"
+    # where the pre-trained models a run requires are kept (default: the cache directory); a
+    # run folder (`harness paper --run-dir`) keeps them inside itself, so it continues anywhere
+    pretrained_dir: Path | None = None
+    # whether a finished run stored in a study keeps its best weights as an artifact (a run
+    # folder keeps per-user ranks and records only: tables never need the weights)
+    keep_weights: bool = True
+    # where runs in flight keep their per-epoch checkpoints (default <cache>/inflight): a run
+    # stopped by a deadline or a signal continues from there
+    checkpoint_dir: Path | None = None
+
+    @property
+    def pretrained_root(self) -> Path:
+        return self.pretrained_dir if self.pretrained_dir is not None else self.cache_dir
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.checkpoint_dir if self.checkpoint_dir is not None else self.cache_dir / "inflight"
 
     def with_values(self, values: dict[str, Any], **changes: Any) -> "RunSpec":
         """This spec with parameter values set: trainer keys (lr, weight_decay, batch_size) go to
@@ -166,7 +183,7 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run}
 
-    encoder, info, cached = pretrained_lid(spec.cache_dir, lid_data.data.content_hash, enc_cfg, data.n_items,
+    encoder, info, cached = pretrained_lid(spec.pretrained_root, lid_data.data.content_hash, enc_cfg, data.n_items,
                                            recipe, pretrain, seed=spec.train.seed)
     return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
 
@@ -201,16 +218,18 @@ def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, pro
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run, "stopped": result.stopped, "curves": result.curves}
 
-    model, info, cached = pretrained_lares_stage1(spec.cache_dir, stage1_data.data.content_hash, cfg1,
+    model, info, cached = pretrained_lares_stage1(spec.pretrained_root, stage1_data.data.content_hash, cfg1,
                                                   train_identity(stage1_train), build, pretrain)
     return model, {**info, "cached": cached}
 
 
 def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True,
-        resume: bool = False) -> RunRecord:
+        resume: bool = False, checkpoint: Path | None = None) -> RunRecord:
     """Train one model. With `resume`, per-epoch training state is kept in the cache under a
     key of everything that defines the run, so the same command after an interruption goes on
-    where it stopped instead of starting over."""
+    where it stopped instead of starting over; `checkpoint` names that file instead (a tune
+    trial's or an experiment cell's own, so two identical runs in flight never share one).
+    Either way the run may stop at an epoch boundary (harness.stopping.RunStopped)."""
     started = dt.datetime.now(dt.timezone.utc)
     env = environment()  # now: the code that runs is the code checked out at the start
     resolve_precision(spec.train.precision, resolve_device(spec.train.device))  # bad --device/--precision: fail first
@@ -224,7 +243,8 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
 
     model, model_cfg, pretrained_info = build_model(spec, data, progress)
     needs = models.get(spec.model).needs(model_cfg)
-    checkpoint = resume_path(spec, data, model_cfg) if resume else None
+    if checkpoint is None and resume:
+        checkpoint = resume_path(spec, data, model_cfg)
     result: FitResult = fit(model, data, spec.train, on_epoch=on_epoch, progress=progress, checkpoint=checkpoint)
     return RunRecord(
         model=spec.model, dataset=spec.dataset, data_hash=data.content_key, seed=spec.train.seed,

@@ -443,9 +443,9 @@ def check_writable(results_dir: Path) -> None:
         raise HarnessError(f"--results-dir {results_dir}: cannot write there ({e.strerror or e})") from None
 
 
-def store_record(trial: optuna.Trial, record, store) -> None:
-    """A finished run's summary as user attrs, and its checkpoint, per-user ranks and full
-    record as artifacts, so that tables never need retraining."""
+def store_record(trial: optuna.Trial, record, store, weights: bool = True) -> None:
+    """A finished run's summary as user attrs, and its checkpoint (unless not `weights`),
+    per-user ranks and full record as artifacts, so that tables never need retraining."""
     from harness.runs import save_record
 
     res = record.result
@@ -458,7 +458,8 @@ def store_record(trial: optuna.Trial, record, store) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_record(record, Path(tmp))
-            for suffix, name in ((".pt", "checkpoint"), (".npz", "ranks"), (".json", "record")):
+            kept = ((".pt", "checkpoint"),) if weights and record.state is not None else ()
+            for suffix, name in (*kept, (".npz", "ranks"), (".json", "record")):
                 faults.point("artifact")
                 with quiet_experimental():
                     artifact_id = optuna.artifacts.upload_artifact(

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial
 from harness import faults
 from harness.errors import HarnessError, first_line
 from harness.runs import TRAINER_KEYS
+from harness.stopping import RunStopped
 from harness.store import (is_storage_error, quiet_experimental, requeue, store_record, this_worker,
                            when_storage_answers)
 
@@ -366,16 +367,61 @@ def suggest(trial: optuna.Trial, sf: StudyFile) -> dict[str, Any]:
     return params
 
 
-def make_sampler(sf: StudyFile, worker: int | None, epoch_cap: int) -> optuna.samplers.BaseSampler:
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose random stream is a function of the study's seed and the trial's number.
+
+    Why: a seeded Optuna sampler draws from one stream per process, so a study resumed in a new
+    process (after a stop, on another machine) or run by several workers proposes other points
+    than one uninterrupted run would. Here every trial gets a fresh sampler seeded with
+    (seed, trial number), made when the trial is created (`before_trial`), so what trial n
+    proposes depends only on the seed and the finished trials it sees: a stopped and resumed
+    study proposes what the uninterrupted one did, and workers never propose alike."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self.seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = self._make((self.seed * 1_000_003 + trial.number) % 2**32)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        pass  # the stream is the trial's, by design
+
+
+def sampler_seed(sf: StudyFile, default: int) -> int:
+    """The study file's sampler seed, else `default` (the run seed): every study is seeded."""
+    seed = sf.sampler[1].get("seed")
+    return int(seed) if seed is not None else int(default)
+
+
+def make_sampler(sf: StudyFile, worker: int | None, epoch_cap: int,
+                 seed: int = 2020) -> optuna.samplers.BaseSampler:
+    """The study file's sampler, seeded per trial (TrialSeededSampler) from its own seed or
+    `seed`; `worker` no longer shifts the seed, since trial numbers already differ."""
     name, options = sf.sampler
-    options = dict(options)
+    options = {k: v for k, v in options.items() if k != "seed"}
     if name == "tpe":
         # grouped multivariate TPE models the conditional space (p_mask only with use_icr) jointly
         options = {"multivariate": True, "group": True, **options}
-    if options.get("seed") is not None and worker:
-        options["seed"] += worker  # workers with one seed would propose the same points
-    with quiet_experimental():
-        return SAMPLERS[name](**options)
+
+    def make(trial_seed: int) -> optuna.samplers.BaseSampler:
+        with quiet_experimental():
+            return SAMPLERS[name](**options, seed=trial_seed)
+
+    return TrialSeededSampler(make, sampler_seed(sf, seed))
 
 
 def make_pruner(sf: StudyFile, override: str | None, epoch_cap: int,
@@ -421,6 +467,9 @@ class TuneJob:
     min_epochs: int | None = None  # overrides the pruner's first rung / warm-up
     heartbeat: int = 60  # RDB storages only
     given_flags: frozenset[str] = frozenset()  # options given on the command line
+    # seconds per epoch (training + validation) from a cost model, for --stop-after's "does the
+    # next trial fit" when the study has no finished trial to measure yet
+    epoch_seconds: float | None = None
 
     def __post_init__(self) -> None:
         # the study file's [trainer] budget replaces the flags' defaults (a given flag wins), so
@@ -441,6 +490,23 @@ class TuneJob:
         dataset = Path(self.dataset).stem if "/" in self.dataset else self.dataset
         return f"{self.study_file.model}-{dataset}"
 
+    @property
+    def sampler_seed(self) -> int:
+        return sampler_seed(self.study_file, self.base.train.seed)
+
+    def trial_checkpoint(self, trial: optuna.Trial, spec) -> Path:
+        """The in-flight checkpoint of one trial: named by study, trial number and the run's
+        identity, so a stale file of another study or parameter set is never resumed."""
+        import hashlib
+
+        from harness.runs import train_identity
+
+        key = json.dumps({"study": trial.study.study_name, "trial": trial.number, "model": spec.model,
+                          "params": spec.params, "train": train_identity(spec.train)}, sort_keys=True, default=str)
+        folder = self.base.checkpoint_root
+        name = trial.study.study_name.replace("/", "_")
+        return folder / f"{name}-t{trial.number}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
 
 def trial_spec(job: TuneJob, params: dict[str, Any]):
     """RunSpec of one trial: the study file's fixed values, then the trial's."""
@@ -454,6 +520,9 @@ def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
         try:
             return run_trial(trial, job, store)
         except optuna.TrialPruned:
+            raise
+        except RunStopped as e:
+            suspend(trial, str(e))
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
@@ -482,7 +551,11 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
     faults.point("trial")
     trial.set_user_attr("worker", this_worker())
     trial.set_user_attr("epoch_cap", cap)
-    trial.set_user_attr("epochs", 0)
+    stored = frozen(trial).user_attrs
+    if stored.get("suspended"):
+        trial.set_user_attr("suspended", None)  # resumed: running again from its checkpoint
+    else:
+        trial.set_user_attr("epochs", 0)
     retry_of = frozen(trial).system_attrs.get("failed_trial")
     if retry_of is not None:
         trial.set_user_attr("retry_of", retry_of)
@@ -498,9 +571,27 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
             trial.set_user_attr("prune_reason", reason)
             raise optuna.TrialPruned(reason)
 
-    record = run(spec, on_epoch=on_epoch, progress=False)
-    store_record(trial, record, store)
+    checkpoint = job.trial_checkpoint(trial, spec)
+    try:
+        record = run(spec, on_epoch=on_epoch, progress=False, checkpoint=checkpoint)
+    except RunStopped:
+        raise  # the checkpoint stays: the resumed trial continues from it
+    except BaseException:
+        checkpoint.unlink(missing_ok=True)  # pruned or failed: nothing to continue
+        raise
+    store_record(trial, record, store, weights=job.base.keep_weights)
     return record.result["valid"]["ndcg@10"]
+
+
+def suspend(trial: optuna.Trial, reason: str) -> None:
+    """Put a trial stopped at an epoch boundary (checkpoint saved) back to WAITING, marked
+    `suspended`: the next worker on the study takes it first (Optuna's ask pops waiting
+    trials), with its number, parameters, reported epochs and pruner rungs intact, and its run
+    continues from the checkpoint. Neither a dead-worker check (RUNNING trials only) nor a
+    heartbeat check touches a waiting trial."""
+    trial.set_user_attr("suspended", reason)
+    trial.set_user_attr("stops", int(frozen(trial).user_attrs.get("stops", 0)) + 1)
+    trial.storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.WAITING)
 
 
 def frozen(trial: optuna.Trial) -> FrozenTrial:

@@ -26,9 +26,10 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import faults
+from harness import faults, stopping
 from harness.errors import HarnessError, first_line
-from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, one_line_thread_errors, open_storage,
+from harness.stopping import RunStopped
+from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, heartbeat, one_line_thread_errors, open_storage,
                            pending_retries, quiet_experimental, recover, safe_url, unlabelled_grace,
                            unlabelled_running)
 from harness.runs import TRAINER_KEYS, train_identity
@@ -160,7 +161,7 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
     storage = storage or open_storage(job.storage_url, job.heartbeat)
     cap = job.base.train.epochs
     study = optuna.load_study(study_name=study_name, storage=storage,
-                              sampler=make_sampler(job.study_file, worker, cap),
+                              sampler=make_sampler(job.study_file, worker, cap, job.base.train.seed),
                               pruner=make_pruner(job.study_file, job.pruner, cap, job.min_epochs))
     prefix = f"[w{worker}] " if worker else ""
     objective = make_objective(job, artifact_store(job.results_dir))
@@ -187,9 +188,14 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
                 break
             if deadline is not None and time.monotonic() >= deadline and not retries:
                 break  # --timeout starts no new trial, but a dead worker's retry is still owed
-            with quiet_experimental():
-                study.optimize(objective, n_trials=1, callbacks=[printer], catch=(Exception,), gc_after_trial=False)
+            if not stopping.room_for(next_trial_seconds(study, job)):
+                due = stopping.stop_due()
+                raise (RunStopped(due) if due else
+                       stopping.NoRoom("the next trial would not finish before the --stop-after deadline"))
+            run_one_trial(study, objective, printer)
             lost = 0
+        except RunStopped:
+            raise
         except Exception as e:
             # The objective's own errors are caught by optimize (catch=...); what escapes is the
             # storage failing under Optuna's bookkeeping (a lost database connection, and what
@@ -203,6 +209,57 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
             echo(f"{prefix}warning: storage call failed ({reason}); retrying")
             time.sleep(min(job.heartbeat, 5) * lost)
     return printer.gave_up
+
+
+def run_one_trial(study: optuna.Study, objective: Callable[[optuna.Trial], float],
+                  printer: Callable[[optuna.Study, FrozenTrial], None]) -> None:
+    """Ask a trial (a suspended or enqueued one first), run it, tell its state: what
+    `study.optimize(n_trials=1)` does, except that a trial stopped by a deadline or a signal is
+    left WAITING for its resume (`studies.suspend`) instead of being told FAIL."""
+    with quiet_experimental():
+        trial = study.ask()
+    value, state = None, TrialState.FAIL
+    with heartbeat(study, trial):
+        try:
+            value, state = objective(trial), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except RunStopped:
+            raise
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception:
+            pass  # the objective recorded why (fail_reason)
+    printer(study, study.tell(trial, value, state=state))
+
+
+def next_trial_seconds(study: optuna.Study, job: TuneJob) -> float | None:
+    """What the next trial may take, for --stop-after: the epochs it has left (a suspended
+    trial resumes) times the seconds per epoch this study's trials took (else the job's cost
+    model; else unknown)."""
+    per_epoch = [t.user_attrs["seconds"] / t.user_attrs["epochs"] for t in study.get_trials(deepcopy=False, states=FINISHED)
+                 if t.user_attrs.get("seconds") and t.user_attrs.get("epochs") and not t.user_attrs.get("stops")]
+    seconds = sorted(per_epoch)[len(per_epoch) // 2] if per_epoch else job.epoch_seconds
+    if seconds is None:
+        return None
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    done = int(waiting[0].user_attrs.get("epochs", 0)) if waiting else 0
+    return max(job.base.train.epochs - done, 1) * seconds
+
+
+def stopped_line(study: optuna.Study, job: TuneJob, why: str) -> str:
+    """The one line a stopped tune prints: trials done / target, what is left, the ETA."""
+    from harness.paper_plan import format_duration
+
+    done = finished_count(study)
+    left = max(job.target - done, 0)
+    suspended = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if t.user_attrs.get("suspended")]
+    per_trial = next_trial_seconds(study, job) if left else 0
+    held = "".join(f"; trial {t.number} waits at epoch {t.user_attrs.get('epochs', 0)}" for t in suspended)
+    eta = "unknown" if per_trial is None else format_duration(left * per_trial / max(job.workers, 1))
+    return (f"study {study.study_name!r} stopped ({first_line(why)}): {done} / {job.target} trials finished, "
+            f"{left} left{held}; ETA {eta}")
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -258,14 +315,29 @@ def run_worker_processes(job: TuneJob, argv_for: Callable[[int], list[str]],
     faults.point("workers")
     problems = []
     try:
+        forwarded = False
+        while any(p.poll() is None for p in processes):
+            if stopping.requested() and not forwarded:
+                # a signal sent to this process alone (SLURM's, a `kill`): each worker stops after
+                # its epoch in flight, its trial or cell kept for the resume
+                for process in processes:
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGUSR1)
+                forwarded = True
+            try:
+                processes[[p.poll() is None for p in processes].index(True)].wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
         for i, process in enumerate(processes, 1):
-            code = process.wait()
-            if code:
+            code = process.returncode
+            if code == stopping.EXIT_STOPPED:
+                problems.append(f"worker {i} (pid {process.pid}) stopped (deadline or signal); its work resumes")
+            elif code:
                 what = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 problems.append(f"worker {i} (pid {process.pid}) {what}")
     except KeyboardInterrupt:
-        # Ctrl-C in a terminal reaches the workers too; a SIGINT sent to this process alone does
-        # not: pass it on, so each worker marks its trial interrupted and enqueues it again
+        # a second Ctrl-C (the first asks for a stop): abort, each worker marks its trial
+        # interrupted and enqueues it again
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
@@ -324,17 +396,22 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         echo(f"the study already has {done} finished trials (target {job.target}): nothing to run; "
              "raise --trials to continue it")
     problems: list[str] = []
-    if job.workers == 1 or done >= job.target:
-        gave_up = run_worker(job, study.study_name, 0, storage, echo)
-        problems += [gave_up] if gave_up else []
-    else:
-        problems = run_worker_processes(job, lambda i: worker_argv(study.study_name, i), echo)
-    if not problems or job.workers > 1:
-        # a worker killed last leaves its trial RUNNING (or its retry WAITING) with nobody left
-        # to notice, and a storage failure can leave a trial with no worker at all: settle those
-        # here, so the study is never summarised with a trial stranded or a retry owed
-        gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True)
-        problems += [gave_up] if gave_up else []
+    try:
+        if job.workers == 1 or done >= job.target:
+            gave_up = run_worker(job, study.study_name, 0, storage, echo)
+            problems += [gave_up] if gave_up else []
+        else:
+            problems = run_worker_processes(job, lambda i: worker_argv(study.study_name, i), echo)
+            if stopping.stop_due() or any("stopped" in p for p in problems):
+                raise RunStopped(stopping.stop_due() or "a worker stopped")
+        if not problems or job.workers > 1:
+            # a worker killed last leaves its trial RUNNING (or its retry WAITING) with nobody left
+            # to notice, and a storage failure can leave a trial with no worker at all: settle those
+            # here, so the study is never summarised with a trial stranded or a retry owed
+            gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True)
+            problems += [gave_up] if gave_up else []
+    except RunStopped as e:
+        raise type(e)(stopped_line(study, job, str(e))) from None
     try:
         return summarize(study, job, problems)
     except OSError as e:  # the study itself is stored; only its files could not be written

@@ -26,6 +26,7 @@ from models.icsrec import ICSRec, ICSRecConfig
 from models.igr_sr import IGRSR, IGRSRConfig
 from models.lares import LARES, LARESConfig
 from models.lares_rl import LARESGRPO, LARESGRPOConfig
+from models.mostpop import MostPop, MostPopConfig
 from models.rearec import ReaRecERL, ReaRecERLConfig, ReaRecPRL, ReaRecPRLConfig
 from models.sasrec import SASRec, SASRecConfig
 
@@ -126,3 +127,6 @@ register(ModelSpec("lares", LARESGRPOConfig, _lares, requires=lambda cfg: ("lare
                                "KL to a frozen reference)"))
 register(ModelSpec("icsrec", ICSRecConfig, lambda cfg, n_items: ICSRec(cfg, n_items), label="ICSRec",
                    description="ICSRec: SASRec on subsequences + same-target and k-means intent contrastive terms"))
+register(ModelSpec("mostpop", MostPopConfig, lambda cfg, n_items: MostPop(cfg, n_items), label="MostPop",
+                   description="MostPop: items scored by their training-data counts, alike for every user "
+                               "(no personalisation; nothing to tune)"))
