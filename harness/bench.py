@@ -286,6 +286,8 @@ def bench_in_subprocess(spec: RunSpec, n_batches: int, clock: str = "wall") -> d
     import json
     import subprocess
 
+    # a benchmark's throwaway pre-training (one LID epoch) stays in the cache, never in a run folder
+    spec = dataclasses.replace(spec, pretrained_dir=None, checkpoint_dir=None)
     blob = json.dumps({"spec": {**dataclasses.asdict(spec), "data_dir": str(spec.data_dir),
                                 "cache_dir": str(spec.cache_dir)}, "n_batches": n_batches, "clock": clock})
     proc = subprocess.run([sys.executable, "-c", "import sys; from harness.bench import _child; _child(sys.argv[1])",
