@@ -295,7 +295,7 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
             if epoch - best_epoch >= cfg.patience:
                 stopped = f"early stop (no gain in validation {SELECT_METRIC} for {cfg.patience} epochs)"
                 break
-            why = stopping.stop_due() if checkpoint is not None and epoch < cfg.epochs else None
+            why = stopping.stop_due() if checkpoint is not None and epoch < epochs else None
             if why:
                 raise stopping.RunStopped(f"stopped after epoch {epoch} ({why}); checkpoint {checkpoint}")
     if best_state is not None:

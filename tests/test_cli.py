@@ -60,7 +60,7 @@ def test_models_lists_variants():
     names = [line.split()[0] for line in r.output.strip().splitlines()]
     assert names == sorted(["sasrec", "igr-sr", "igr-sr/wo-lid", "igr-sr/concat", "igr-sr/wo-icr",
                             "gru4rec", "bert4rec", "rearec-erl", "rearec-prl", "iclrec", "icsrec", "lares-ssl",
-                            "lares"])
+                            "lares", "mostpop"])
 
 
 def test_data_list(tmp_path):
