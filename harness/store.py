@@ -93,6 +93,26 @@ def open_storage(url: str | None, heartbeat: int | None = None, retry: bool = Tr
         raise HarnessError(f"--storage {shown}: cannot open ({first_line(e)})") from None
 
 
+def require_existing(url: str | None) -> None:
+    """For commands that only read a storage (report, studies, dashboard): a journal file (or an
+    SQLite file) that does not exist is refused in one line, before anything opens it, so that a
+    mistyped --storage creates no empty journal, lock or output folder."""
+    shown = url or DEFAULT_STORAGE
+    if "://" not in shown:
+        path = Path(shown)
+    elif shown.startswith("sqlite:///") and shown != "sqlite:///:memory:":
+        path = Path(shown[len("sqlite:///"):])
+    else:
+        return  # a database server: opening it creates nothing
+    if path.is_dir():
+        raise HarnessError(f"--storage {shown}: is a directory, not a journal file")
+    if not path.exists():
+        if url is None:
+            raise HarnessError(f"no study journal at {shown} yet (nothing tuned or run here): run `harness tune` "
+                               "or an experiment first, or give --storage")
+        raise HarnessError(f"--storage {shown}: no such file; check the path (nothing was created)")
+
+
 def _stderr(line: str) -> None:
     import sys
 
@@ -112,8 +132,29 @@ def _open_journal(path: Path, echo: Callable[[str], None]) -> JournalStorage:
     except OSError as e:
         raise HarnessError(f"--storage {path}: cannot open the journal file ({e.strerror or e})") from None
     except ValueError as e:  # a record in the middle is not JSON: not a crash footprint, a damaged file
-        raise HarnessError(f"--storage {path}: the journal file is damaged ({first_line(e)}); "
+        raise HarnessError(f"--storage {path}: the journal file is damaged ({_damaged_line(path) or first_line(e)}); "
                            "restore it from a backup or start another --storage") from None
+
+
+def _damaged_line(path: Path) -> str | None:
+    """Where a journal stops being JSON, as a line of the file: "line 108: Expecting value at
+    column 40" (the JSON decoder's own message counts lines and columns within one record)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    where = f" at column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e)
+                    return f"line {number}: {reason}{where}"
+    except OSError:
+        return None
+    return None
 
 
 def repair_torn_journal(path: Path) -> int:
@@ -453,7 +494,14 @@ def store_record(trial: optuna.Trial, record, store, weights: bool = True) -> No
                        "best_epoch": res["best_epoch"], "stopped": res["stopped"], "data_hash": record.data_hash,
                        "git_commit": record.environment["git_commit"], "seconds": round(record.seconds, 1),
                        "model_config": record.model_config, "train_config": record.train_config,
-                       "lid_key": (record.lid or {}).get("key")}.items():
+                       "lid_key": (record.lid or {}).get("key"),
+                       # what the run trained itself (epochs' own seconds, resumed parts included),
+                       # and the pre-trained model it started from (shared by every run with its key)
+                       "train_seconds": round(sum(c.get("train_seconds", 0.0) + c.get("eval_seconds", 0.0)
+                                                  for c in res.get("curves", [])), 1),
+                       "pretrain": {k: (record.lid or record.stage1 or {}).get(k)
+                                    for k in ("key", "epochs_run", "seconds", "cached")}
+                       if (record.lid or record.stage1) else None}.items():
         trial.set_user_attr(key, value)
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,17 +12,91 @@ models that recompute something from the training split each epoch (ICLRec's k-m
 `train_batches(...)` but must not keep the trainer's RNG state. `output_views` says how many
 rows per training sample the loss scores against every item (2 for IGR-SR's two ICR views), so
 `harness bench` counts the output layer's FLOPs without knowing any model. Models do no I/O.
+
+A config class declares the values each field accepts once, in `RANGES` (field -> `Range` or
+`OneOf`), and which must be a multiple of another in `MULTIPLE_OF`; subclasses add to their
+parents'. The harness checks them (harness/config.py `check_range`) for `--param` values, study
+files' fixed values and search ranges, and experiment grids, before anything is built or trained.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.losses import item_scores, linear_cross_entropy
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config field accepts: `low`/`high` bounds (None: unbounded), each closed
+    unless `*_open`."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def requirement(self) -> str:
+        """What a single value must be: ">= 1", "> 0", "in [0, 1)"."""
+        if self.high is None and self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.low is None and self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return f"in {self}"
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else _num(self.low)
+        high = "inf" if self.high is None else _num(self.high)
+        return (f"{'(' if self.low_open or self.low is None else '['}{low}, "
+                f"{high}{')' if self.high_open or self.high is None else ']'}")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The strings a config field accepts."""
+    choices: tuple[str, ...]
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
+
+    def requirement(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(repr(c) for c in self.choices) + "}"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def at_least(n: int | float) -> Range:
+    return Range(low=n)
+
+
+POSITIVE = Range(low=0, low_open=True)  # temperatures, epsilons: > 0
+NON_NEGATIVE = Range(low=0)  # loss weights, noise, std: >= 0
+RATE = Range(low=0, high=1, high_open=True)  # dropout rates: [0, 1)
+PROBABILITY = Range(low=0, high=1)  # [0, 1]
+
+
+def declared(config_cls: type, what: str = "RANGES") -> dict[str, Any]:
+    """A config class's `RANGES` (or `MULTIPLE_OF`), its parents' first, its own over them."""
+    out: dict[str, Any] = {}
+    for klass in reversed(config_cls.__mro__):
+        out.update(vars(klass).get(what, {}))
+    return out
 
 
 @dataclass
@@ -40,6 +114,12 @@ class TransformerConfig:
     max_len: int = 50
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "hidden": at_least(1), "inner": at_least(1), "heads": at_least(1), "dropout": RATE, "attn_dropout": RATE,
+        "max_len": at_least(1), "layer_norm_eps": POSITIVE, "init_std": NON_NEGATIVE}
+    # every attention splits the width between its heads
+    MULTIPLE_OF: ClassVar[dict[str, str]] = {"hidden": "heads"}
 
 
 class SequentialRecommender(nn.Module):

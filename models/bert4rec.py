@@ -57,11 +57,13 @@ first enqueued: RecBole's, the recipe of every BERT4Rec figure in docs/results.m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from models.base import Dropout, Linear, SequentialRecommender, TransformerConfig, init_weights
+from models.base import (PROBABILITY, Dropout, Linear, OneOf, Range, SequentialRecommender, TransformerConfig, at_least,
+                         init_weights)
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -75,6 +77,10 @@ class BERT4RecConfig(TransformerConfig):
     ft_ratio: float = 0.5  # probability that a batch masks only each row's last item
     # masked copies of each training row per epoch (the authors' dupe_factor; RecBole: 1)
     dupe_factor: int = 1
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "layers": at_least(1), "mask_ratio": Range(low=0, high=1, low_open=True), "ft_ratio": PROBABILITY,
+        "dupe_factor": at_least(1)}
 
 
 def append_token(items: torch.Tensor, lengths: torch.Tensor, token: torch.Tensor,

@@ -19,11 +19,12 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from models.base import Dropout, Linear, NextItemModel
+from models.base import RATE, Dropout, Linear, NextItemModel, OneOf, Range, at_least
 
 
 @dataclass
@@ -33,6 +34,9 @@ class GRU4RecConfig:
     layers: int = 1
     dropout: float = 0.3  # on the item embeddings (RecBole's emb_dropout)
     max_len: int = 50  # not used by the GRU; kept so the harness can pass its history length
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "embedding": at_least(1), "hidden": at_least(1), "layers": at_least(1), "dropout": RATE, "max_len": at_least(1)}
 
 
 class GRU4Rec(NextItemModel):

@@ -77,12 +77,13 @@ the flags as given (default 10). Measured curves: docs/results.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import attention
+from models.base import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range, at_least, attention
 from models.kmeans import assign, kmeans
 from models.losses import linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRec, SASRecConfig
@@ -109,6 +110,13 @@ class ICLRecConfig(SASRecConfig):
     instance_representation: str = "concatenate"  # the sequence-level term
     de_noise: bool = False
     warm_up_epochs: int = 0  # epochs (counted from 0, as the code) without intents
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "num_intents": at_least(1), "kmeans_iters": at_least(0), "kmeans_redo": at_least(1),
+        "cf_weight": NON_NEGATIVE, "intent_cf_weight": NON_NEGATIVE, "temperature": POSITIVE,
+        "augmentation": OneOf(AUGMENTATIONS), "crop_rate": PROBABILITY, "mask_rate": PROBABILITY,
+        "reorder_rate": PROBABILITY, "seq_representation": OneOf(REPRESENTATIONS),
+        "instance_representation": OneOf(REPRESENTATIONS), "warm_up_epochs": at_least(0)}
 
 
 def _masked_block(block: PostLNBlock, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

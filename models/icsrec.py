@@ -78,13 +78,15 @@ given, and the tables' captions say so. `harness train` takes the flags as given
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, Packed, SequentialRecommender, init_weights, pack
+from models.base import (NON_NEGATIVE, POSITIVE, Dropout, OneOf, Packed, Range, SequentialRecommender, at_least,
+                         init_weights, pack)
 from models.kmeans import assign, kmeans
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock, SASRecConfig
@@ -109,6 +111,10 @@ class ICSRecConfig(SASRecConfig):
     temperature: float = 1.0
     sim: str = "dot"  # "dot" or "cos"
     f_neg: bool = True  # false-negative masking: same-label views are not negatives
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "intent_num": at_least(1), "kmeans_iters": at_least(0), "kmeans_redo": at_least(1), "lambda_0": NON_NEGATIVE,
+        "beta_0": NON_NEGATIVE, "temperature": POSITIVE, "sim": OneOf(("dot", "cos"))}
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, sim: str = "dot",

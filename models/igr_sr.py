@@ -49,12 +49,14 @@ whole input), so every training sample is its own row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from models.base import (CrossAttention, Dropout, FeedForward, Linear, SelfAttention, SequentialRecommender,
-                         TransformerConfig, dropout, info_nce, init_weights, last_position)
+from models.base import (NON_NEGATIVE, POSITIVE, RATE, CrossAttention, Dropout, FeedForward, Linear, OneOf, Range,
+                         SelfAttention, SequentialRecommender, TransformerConfig, at_least, dropout, info_nce,
+                         init_weights, last_position)
 from models.losses import item_scores, linear_cross_entropy
 from models.sasrec import SASRec
 
@@ -74,6 +76,12 @@ class IGRSRConfig(TransformerConfig):
     # dropout on the cross-attention's weights over the m intents (not `attn_dropout`: see the
     # module docstring); 0.5 is the behaviour before this field existed
     cross_dropout: float = 0.0
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "layers": at_least(1), "d_l": at_least(1), "k": at_least(1), "m": at_least(1), "p_mask": RATE,
+        "tau": POSITIVE, "cl_weight": NON_NEGATIVE, "fusion": OneOf(("cross", "concat")), "cross_dropout": RATE}
+    # the LID's encoder is d_l wide with the same heads
+    MULTIPLE_OF: ClassVar[dict[str, str]] = {"d_l": "heads"}
 
 
 class LatentIntentDistiller(nn.Module):

@@ -73,14 +73,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import (Dropout, Linear, Packed, SelfAttention, SequentialRecommender, TransformerConfig, init_weights,
-                         last_position, pack)
+from models.base import (NON_NEGATIVE, POSITIVE, Dropout, Linear, OneOf, Packed, Range, SelfAttention,
+                         SequentialRecommender, TransformerConfig, at_least, init_weights, last_position, pack)
 from models.icsrec import build_partner_index, same_target_partners
 from models.losses import item_scores, linear_cross_entropy
 
@@ -107,6 +108,12 @@ class LARESConfig(TransformerConfig):
     temperature: float = 1.0
     traj_weight: float = 0.2  # the port's alpha
     step_weight: float = 0.1  # the port's gamma
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "pre_layers": at_least(0), "core_layers": at_least(1), "depth": at_least(1),
+        "depth_sampling": OneOf(DEPTH_SAMPLING), "state_std": NON_NEGATIVE, "state_scale": NON_NEGATIVE,
+        "aggregate": OneOf(AGGREGATES), "similarity": OneOf(SIMILARITIES), "temperature": POSITIVE,
+        "traj_weight": NON_NEGATIVE, "step_weight": NON_NEGATIVE}
 
 
 class PreLNBlock(nn.Module):

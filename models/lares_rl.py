@@ -61,10 +61,11 @@ How it is computed (the same numbers as the straightforward way, to fp32 roundin
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
-from models.base import SequentialRecommender
+from models.base import NON_NEGATIVE, POSITIVE, OneOf, Range, SequentialRecommender, at_least
 from models.lares import LARES, LARESConfig
 from models.losses import _block_rows, _target_nll
 
@@ -80,6 +81,10 @@ class LARESGRPOConfig(LARESConfig):
     reward_metric: str = "recall"  # hit@k | "ndcg" (NDCG@k)
     beta: float = 1.0  # weight of the KL to the reference
     adv_eps: float = 1e-4
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "group_size": at_least(2), "reward_k": at_least(1), "reward_metric": OneOf(REWARDS), "beta": NON_NEGATIVE,
+        "adv_eps": POSITIVE}  # advantages divide by the group's std + adv_eps
 
     def stage1(self) -> LARESConfig:
         """The stage-1 (`lares-ssl`) config inside this one: the pre-trained model's identity."""

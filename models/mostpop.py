@@ -21,10 +21,11 @@ Ties are not broken. Items with equal counts are indistinguishable to MostPop, a
 ranks every model by the same pessimistic rule (harness/metrics.py: an item scoring as high as
 the target ranks above it), so a target is placed last among the items as popular as it: a
 floor, never flattered by how ties happen to fall. A tie-break by item id would not be neutral:
-ids number items by first appearance in the dataset file, which reads each user's whole
-sequence, validation and test targets included, so low ids lean towards items popular in the
-held-out part. And ties only move a metric where they straddle a cut-off (10, 20) or reorder
-the top 20; near the top of the list the counts are large and rarely equal.
+the prepared datasets number items by first appearance reading each user's whole sequence
+(harness/data/fetch.py, as S3-Rec numbers them), validation and test targets included, so low
+ids lean towards items that are popular in the held-out part. And a tie only moves a metric
+when it involves the target inside the top 20 (Recall@k only when it straddles rank k); near the
+top of the list the counts are large and rarely equal.
 """
 from __future__ import annotations
 

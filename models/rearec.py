@@ -57,12 +57,14 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, SequentialRecommender, TransformerConfig, attention, init_weights, last_position
+from models.base import (NON_NEGATIVE, POSITIVE, RATE, Dropout, OneOf, Range, SequentialRecommender, TransformerConfig,
+                         at_least, attention, init_weights, last_position)
 from models.losses import ensemble_objective, item_scores, linear_cross_entropy
 from models.sasrec import PostLNBlock
 
@@ -74,11 +76,16 @@ class ReaRecConfig(TransformerConfig):
     reason_steps: int = 2  # K
     temperature: float = 0.07
 
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "layers": at_least(1), "emb_dropout": RATE, "reason_steps": at_least(1), "temperature": POSITIVE}
+
 
 @dataclass
 class ReaRecERLConfig(ReaRecConfig):
     # the code's 0.05 collapses on Amazon Toys at width 64 (see the module docstring)
     kl_weight: float = 0.005
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {"kl_weight": NON_NEGATIVE}
 
 
 @dataclass
@@ -88,6 +95,10 @@ class ReaRecPRLConfig(ReaRecConfig):
     noise: float = 0.01  # gamma: std of the Gaussian noise on the reasoning inputs
     cl_weight: float = 1.0
     warmup: int = 2  # epochs without noise and InfoNCE
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {
+        "pl_weight": NON_NEGATIVE, "temp_scale": POSITIVE, "noise": NON_NEGATIVE, "cl_weight": NON_NEGATIVE,
+        "warmup": at_least(0)}
 
 
 def _cached_block(block: PostLNBlock, x: torch.Tensor, cache: list, key_mask: torch.Tensor | None):

@@ -11,11 +11,13 @@ block only at the positions that have a target (`loss`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from models.base import Dropout, FeedForward, NextItemModel, SelfAttention, TransformerConfig, init_weights
+from models.base import (Dropout, FeedForward, NextItemModel, OneOf, Range, SelfAttention, TransformerConfig, at_least,
+                         init_weights)
 from models.losses import linear_cross_entropy
 
 
@@ -25,6 +27,8 @@ _FEW_TARGETS = 4  # the last block runs at the targets only when under a quarter
 @dataclass
 class SASRecConfig(TransformerConfig):
     layers: int = 2
+
+    RANGES: ClassVar[dict[str, Range | OneOf]] = {"layers": at_least(1)}
 
 
 class PostLNBlock(nn.Module):

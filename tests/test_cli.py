@@ -193,3 +193,138 @@ def test_bad_option_values_are_usage_errors():
     r = invoke(*TRAIN, "--epochs", "0")
     assert r.exit_code == 2
     assert "Traceback" not in r.output
+
+
+# ---- what a new user meets (issue 29): one line naming the file, line or option ----------------
+
+@pytest.mark.parametrize("model, param, expected", [
+    ("igr-sr", "m=0", "Error: --param m=0: igr-sr's m must be >= 1"),
+    ("igr-sr", "m=-1", "Error: --param m=-1: igr-sr's m must be >= 1"),
+    ("igr-sr", "k=0", "Error: --param k=0: igr-sr's k must be >= 1"),
+    ("sasrec", "attn_dropout=-0.5", "Error: --param attn_dropout=-0.5: sasrec's attn_dropout must be in [0, 1)"),
+    ("igr-sr", "fusion=sum", "Error: --param fusion=sum: igr-sr's fusion must be one of 'cross', 'concat'"),
+    ("igr-sr", "d_l=9", "Error: igr-sr's d_l (9) must be a multiple of heads (2)"),  # the LID: d_l wide, same heads
+    ("sasrec", "heads=3", "Error: sasrec's hidden (64) must be a multiple of heads (3)"),
+])
+def test_params_outside_the_models_declared_ranges_are_one_line(tmp_path, model, param, expected):
+    r = invoke("train", "--model", model, "--dataset", "synthetic", "--device", "cpu", "--epochs", "1",
+               "--lid-epochs", "1", "--param", param, "--results-dir", str(tmp_path / "res"))
+    assert assert_one_line_error(r) == expected
+    assert not (tmp_path / "res").exists()
+
+
+def test_sensitivity_and_paper_grids_are_checked_before_anything_runs(tmp_path):
+    journal = tmp_path / "s.journal"
+    for args, expected in [(("sensitivity", "--k", "0"), "Error: --k 0: igr-sr's k must be >= 1"),
+                           (("sensitivity", "--k", "2", "--m", "1,-1"), "Error: --m -1: igr-sr's m must be >= 1"),
+                           (("paper", "--k", "2,0", "--dry-run"), "Error: --k 0: igr-sr's k must be >= 1")]:
+        r = invoke(*args, "--dataset", "synthetic", "--storage", str(journal))
+        assert assert_one_line_error(r) == expected
+    assert list(tmp_path.iterdir()) == []  # no journal, no lock
+
+
+def test_a_directory_given_as_dataset_is_said_to_be_one(tmp_path):
+    line = assert_one_line_error(invoke("train", "--model", "sasrec", "--dataset", str(tmp_path), "--device", "cpu"),
+                                 f"dataset {tmp_path} is a directory, not a file")
+    assert "does not exist" not in line
+
+
+def test_the_missing_dataset_hint_runs_as_printed(tmp_path, monkeypatch):
+    """`harness data fetch toys --data-dir X`, the command the error prints, takes --data-dir."""
+    import re
+
+    import harness.data.fetch
+
+    seen = {}
+
+    def fetch(dataset, data_dir, raw=None, force=False):  # never the network
+        seen.update(dataset=dataset, data_dir=data_dir)
+        return data_dir / "toys" / "Toys_and_Games.txt", {"users": 1, "items": 2, "interactions": 3}
+
+    monkeypatch.setattr(harness.data.fetch, "fetch", fetch)
+    monkeypatch.setenv("HARNESS_AUTO_FETCH", "0")
+    line = assert_one_line_error(invoke("train", "--model", "sasrec", "--dataset", "toys", "--device", "cpu",
+                                        "--data-dir", str(tmp_path / "d")), "harness data fetch toys")
+    hint = re.search(r"`harness (data fetch [^`]*)`", line).group(1)
+    r = invoke(*hint.split())
+    assert r.exit_code == 0, r.output
+    assert seen == {"dataset": "toys", "data_dir": tmp_path / "d"}
+    r = invoke("data", "list", "--data-dir", str(tmp_path / "d"))
+    assert r.exit_code == 0 and str(tmp_path / "d" / "toys" / "Toys_and_Games.txt") in r.output
+
+
+def test_results_dir_after_the_subcommand_and_lines_whole_when_not_a_terminal(tmp_path):
+    r = invoke(*TRAIN, "--epochs", "1", "--param", "hidden=8", "--param", "inner=16",
+               "--results-dir", str(tmp_path / "res"))
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "res" / "runs").glob("*.json"))) == 1
+    # not a terminal (captured): the epoch line (over 80 columns) and the title stay whole
+    (epoch,) = [line for line in r.output.splitlines() if line.startswith("epoch ")]
+    assert "loss" in epoch and epoch.rstrip(" *").endswith("eval)") and len(epoch) > 80, r.output
+    assert any(line.startswith("sasrec on synthetic (seed 2020") and line.endswith("best epoch 1 of 1)")
+               for line in r.output.splitlines()), r.output
+
+
+def test_console_never_wraps_when_not_a_terminal(monkeypatch):
+    import io
+
+    from rich.table import Table
+
+    from harness.console import console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()
+    table = Table(title="a title much longer than the narrow table under it, " * 3)
+    table.add_column("x")
+    table.add_row("1")
+    console(file=out).print("word " * 40, table)
+    lines = out.getvalue().splitlines()
+    assert lines[0].strip() == ("word " * 40).strip() and lines[1].strip() == table.title.strip()
+
+
+def test_read_only_commands_refuse_a_journal_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke("report", "--storage", "studies/optuna.journl"),
+                          "--storage studies/optuna.journl: no such file")
+    assert_one_line_error(invoke("report"), "no study journal at studies/optuna.journal yet")
+    r = invoke("studies")  # nothing stored yet, nothing asked for: said, not refused
+    assert r.exit_code == 0 and "no studies in studies/optuna.journal yet" in r.output
+    assert list(tmp_path.iterdir()) == []  # no journal, lock or report folder
+
+
+def test_ctrl_c_twice_aborts_with_130_and_one_line(tmp_path, monkeypatch):
+    """The first SIGINT asks for a clean stop (harness/stopping.py), the second aborts: exit 130
+    and "aborted", not click's "Aborted!" and exit 1. Both signals are sent from inside the run,
+    so the test waits on nothing."""
+    import os
+    import signal
+
+    from harness import stopping
+
+    def interrupted(spec, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the next statement: a stop is asked for
+        os.kill(os.getpid(), signal.SIGINT)  # the second raises KeyboardInterrupt here
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(runs, "run", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        r = invoke(*TRAIN, "--results-dir", str(tmp_path / "res"))
+    finally:
+        stopping.reset()
+    assert signal.getsignal(signal.SIGINT) is before  # the command's handlers are gone
+    assert r.exit_code == 130, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("SIGINT: stopping after the epoch in flight") and lines[-1] == "aborted", r.output
+    assert "Aborted!" not in r.output and "Traceback" not in r.output
+
+
+def test_keyboard_interrupt_anywhere_is_130(monkeypatch):
+    import harness.tune
+
+    def interrupted(url):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.tune, "list_studies", interrupted)
+    r = invoke("studies")
+    assert r.exit_code == 130 and r.output.strip() == "aborted", r.output

@@ -327,6 +327,20 @@ def test_unknown_name(tmp_path):
         registry.resolve(str(tmp_path / "missing.txt"), tmp_path)
 
 
+def test_a_directory_is_said_to_be_a_directory(tmp_path, tiny_file, monkeypatch):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    with pytest.raises(HarnessError, match=f"^dataset {folder} is a directory, not a file") as e:
+        registry.resolve(str(folder), tmp_path)
+    assert "does not exist" not in str(e.value) and "\n" not in str(e.value)
+    (folder / "seqs.txt").write_text(tiny_file.read_text())
+    with pytest.raises(HarnessError, match=f"such as {folder / 'seqs.txt'}"):  # what it holds
+        registry.resolve(str(folder) + "/", tmp_path)
+    monkeypatch.chdir(tmp_path)  # a bare name that is a directory here, not a registered dataset
+    with pytest.raises(HarnessError, match="^dataset mydata is a directory"):
+        registry.resolve("mydata", tmp_path)
+
+
 def test_named_dataset_found_in_data_dir(tmp_path, tiny_file):
     (tmp_path / "data" / "toys").mkdir(parents=True)
     target = tmp_path / "data" / "toys" / "Toys_and_Games.txt"

@@ -240,6 +240,39 @@ def test_damaged_journal_is_one_line(tmp_path):
         open_storage(str(path))
 
 
+def test_damaged_journal_names_the_files_line(tmp_path):
+    """A record broken in the middle of the file: the message names the journal's line, not the
+    JSON decoder's "line 1" of that one record."""
+    path = tmp_path / "s.journal"
+    study = optuna.create_study(study_name="x", storage=open_storage(str(path)))
+    for value in range(30):
+        study.add_trial(optuna.trial.create_trial(value=float(value)))
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) > 20
+    lines[17] = lines[17].replace(b",", b" x,", 1)  # line 18: not JSON any more
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(HarnessError) as e:
+        open_storage(str(path))
+    text = str(e.value)
+    assert text.startswith(f"--storage {path}: the journal file is damaged (line 18: Expecting ',' delimiter at column")
+    assert "line 1 " not in text and "\n" not in text
+
+
+def test_read_only_commands_refuse_a_missing_journal_and_create_nothing(tmp_path, monkeypatch):
+    from harness.store import require_existing
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("typo/optuna.journl", "sqlite:///typo.db"):
+        with pytest.raises(HarnessError, match=f"^--storage {url}: no such file"):
+            require_existing(url)
+    with pytest.raises(HarnessError, match="^no study journal at studies/optuna.journal yet"):
+        require_existing(None)
+    assert list(tmp_path.iterdir()) == []
+    require_existing("postgresql://me@nowhere:5432/optuna")  # a server: nothing to look at here
+    Path("s.journal").touch()
+    require_existing("s.journal")
+
+
 def test_file_lock_is_exclusive_and_dropped_when_its_holder_dies(tmp_path):
     lock = tmp_path / "x.lock"
     ready = tmp_path / "ready"

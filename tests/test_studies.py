@@ -37,7 +37,9 @@ def test_igr_sr_study_file_is_the_papers_space():
     sf = load_study_file(REPO / "studies" / "igr-sr.toml")
     assert study_file_for("igr-sr").resolve() == (REPO / "studies" / "igr-sr.toml").resolve()
     space = {p.name: p for p in sf.space}
-    assert list(space) == ["d_l", "k", "m", "cross_dropout", "use_icr", "p_mask", "tau", "cl_weight", "lr"]
+    # ICR is part of the model (Table 2's IGR-SR): fixed on, never searched (w/o ICR is the ablation)
+    assert list(space) == ["d_l", "k", "m", "cross_dropout", "p_mask", "tau", "cl_weight", "lr"]
+    assert sf.fixed == {"hidden": 64, "use_icr": True} and sf.context["use_icr"] is True
     assert space["d_l"].choices == (8, 16, 32)
     assert (space["k"].type, space["k"].low, space["k"].high) == ("int", 2, 32)
     assert (space["m"].low, space["m"].high) == (1, 5)
@@ -45,11 +47,10 @@ def test_igr_sr_study_file_is_the_papers_space():
     assert (space["tau"].low, space["tau"].high, space["tau"].log) == (0.05, 1.0, True)
     assert (space["lr"].low, space["lr"].high, space["lr"].log) == (1e-4, 1e-2, True)
     assert (space["cl_weight"].low, space["cl_weight"].high, space["cl_weight"].log) == (0.01, 1.0, True)
-    assert space["use_icr"].choices == (True, False)
-    assert all(space[n].when == {"use_icr": True} for n in ICR_ONLY)
+    assert all(space[n].when == {"use_icr": True} for n in ICR_ONLY)  # still conditional on the fixed value
     assert (sf.metric, sf.direction, sf.sampler[0], sf.pruner[0]) == ("valid_ndcg@10", "maximize", "tpe", "hyperband")
     assert (space["cross_dropout"].low, space["cross_dropout"].high, space["cross_dropout"].log) == (0.0, 0.5, False)
-    paper = {"d_l": 32, "k": 8, "m": 3, "use_icr": True, "p_mask": 0.2, "tau": 0.2, "cl_weight": 0.1, "lr": 1e-3}
+    paper = {"d_l": 32, "k": 8, "m": 3, "p_mask": 0.2, "tau": 0.2, "cl_weight": 0.1, "lr": 1e-3}
     # the paper's defaults first (at the model's default cross_dropout), then the earlier 0.5
     assert sf.enqueue == ({**paper, "cross_dropout": 0.0}, {**paper, "cross_dropout": 0.5})
     assert load_study_file(REPO / "studies" / "sasrec.toml").model == "sasrec"
@@ -67,13 +68,15 @@ def test_min_epochs_rescales_the_pruners_first_rung():
     assert median._n_warmup_steps == 2
 
 
-def test_suggest_on_fixed_trials_drops_conditional_params():
+def test_suggest_on_fixed_trials_drops_conditional_params(tmp_path):
     sf = load_study_file(REPO / "studies" / "igr-sr.toml")
     base = {"d_l": 16, "k": 4, "m": 2, "cross_dropout": 0.1, "lr": 3e-3}
-    off = suggest(optuna.trial.FixedTrial({**base, "use_icr": False}), sf)
-    assert off == {**base, "use_icr": False}
-    on = suggest(optuna.trial.FixedTrial({**base, "use_icr": True, "p_mask": 0.3, "tau": 0.5, "cl_weight": 0.2}), sf)
-    assert set(on) == set(base) | {"use_icr"} | ICR_ONLY
+    # the same file with ICR fixed off: the ICR-only parameters are never suggested
+    text = (REPO / "studies" / "igr-sr.toml").read_text().replace("use_icr = true\n", "use_icr = false\n", 1)
+    off = suggest(optuna.trial.FixedTrial(base), load_study_file(write(tmp_path, text)))
+    assert off == base
+    on = suggest(optuna.trial.FixedTrial({**base, "p_mask": 0.3, "tau": 0.5, "cl_weight": 0.2}), sf)
+    assert set(on) == set(base) | ICR_ONLY
     # lr is a trainer setting, everything else a model parameter
     spec = trial_spec(TuneJob(study_file=sf, dataset="synthetic", base=RunSpec(model="x", dataset="y")), on)
     assert spec.train.lr == 3e-3 and "lr" not in spec.params
@@ -85,18 +88,14 @@ def test_suggest_on_fixed_trials_drops_conditional_params():
 def test_suggest_on_real_trials_stays_inside_the_space():
     sf = load_study_file(REPO / "studies" / "igr-sr.toml")
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    seen_off = seen_on = False
     for _ in range(40):
         trial = study.ask()
         params = suggest(trial, sf)
         for p in sf.space:
             if p.name in params:
                 assert p.contains(params[p.name]), (p, params[p.name])
-        assert (ICR_ONLY <= set(params)) == params["use_icr"]
-        assert not (ICR_ONLY & set(params)) or params["use_icr"]
-        seen_on, seen_off = seen_on or params["use_icr"], seen_off or not params["use_icr"]
+        assert "use_icr" not in params and ICR_ONLY <= set(params)  # fixed on: every trial has ICR
         study.tell(trial, 0.0)
-    assert seen_on and seen_off
 
 
 K = '[space]\nk = { type = "int", low = 2, high = 32 }\n'  # a valid space to append errors to
@@ -135,6 +134,18 @@ BAD = [  # (text after `model = "igr-sr"`, the key the message names, what it sa
     ('[trainer]\nepochs = 2.5\n' + K, "trainer.epochs", "expected a positive integer"),
     ('[trainer]\nlr = 0.1\n' + K, "trainer.lr", "[fixed] or [space]"),
     ('[trainer]\nmax_len = 10\n' + K, "trainer.max_len", "not a training-budget setting; known: patience, epochs"),
+    # the config's declared ranges (models/*.py RANGES): a fixed value, a searched range, a choice
+    (K + '[fixed]\nm = 0\n', "fixed.m = 0", "igr-sr's m must be >= 1"),
+    (K + '[fixed]\nfusion = "sum"\n', "fixed.fusion = 'sum'", "igr-sr's fusion must be one of 'cross', 'concat'"),
+    ('[space]\nk = { type = "int", low = 0, high = 4 }\n', "space.k", "range [0, 4] is outside igr-sr's k range [1, inf)"),
+    ('[space]\nattn_dropout = { type = "float", low = -0.5, high = 0.5 }\n', "space.attn_dropout",
+     "range [-0.5, 0.5] is outside igr-sr's attn_dropout range [0, 1)"),
+    ('[space]\np_mask = { type = "float", low = 0.5, high = 1.0 }\n', "space.p_mask", "p_mask range [0, 1)"),
+    ('[space]\nm = { type = "categorical", choices = [1, 0] }\n', "space.m.choices: 0", "igr-sr's m must be >= 1"),
+    ('[space]\nlr = { type = "float", low = 0.0, high = 0.1 }\n', "space.lr", "outside igr-sr's lr range (0, inf)"),
+    # and the cross-field ones (hidden split between heads; the LID is d_l wide with the same heads)
+    (K + '[fixed]\nheads = 3\n', "igr-sr's hidden (64) must be a multiple of heads (3)", ""),
+    (K + '[fixed]\nd_l = 12\nheads = 8\n', "igr-sr's d_l (12) must be a multiple of heads (8)", ""),
 ]
 
 
@@ -163,6 +174,39 @@ def test_bad_model_and_syntax(tmp_path, text, key, message):
     assert str(path) in str(e.value) and key in str(e.value)
 
 
+def test_a_models_declared_ranges_name_the_model_and_field():
+    """--param values, [fixed] values and [space] ranges all go through config.check_range."""
+    from harness.config import check_range, coerce
+    from models.sasrec import SASRecConfig
+
+    with pytest.raises(HarnessError, match=r"^--param attn_dropout=-0.5: sasrec's attn_dropout must be in \[0, 1\)$"):
+        coerce(SASRecConfig, {"attn_dropout": "-0.5"})
+    with pytest.raises(HarnessError, match=r"^x.toml: space.dropout: range \[0.1, 1.0\] is outside sasrec's dropout"):
+        check_range("sasrec", SASRecConfig, "dropout", 0.1, 1.0, where="x.toml: space.dropout")
+    assert coerce(SASRecConfig, {"attn_dropout": "0", "layers": "1"}) == {"attn_dropout": 0.0, "layers": 1}
+    check_range("sasrec", SASRecConfig, "init_std", 0.0)  # bounds are inclusive unless declared open
+
+
+def test_every_models_defaults_lie_inside_its_declared_ranges():
+    """A range declared once per config field (models/*.py RANGES) holds the model's own defaults
+    and names only real fields; every declared range is checked the same way."""
+    import dataclasses
+
+    import models
+    from harness.config import check_multiples, check_range
+    from models.base import declared
+
+    for name in models.names():
+        spec = models.get(name)
+        config = spec.make_config()
+        fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        assert set(declared(spec.config_cls)) <= fields, name
+        assert set(declared(spec.config_cls, "MULTIPLE_OF").items()) <= {(a, b) for a in fields for b in fields}, name
+        for key in fields:
+            check_range(name, spec.config_cls, key, getattr(config, key))
+        check_multiples(name, spec.config_cls, dataclasses.asdict(config))
+
+
 def test_missing_study_file_and_param_clash(tmp_path):
     with pytest.raises(HarnessError, match="does not exist"):
         load_study_file(tmp_path / "nope.toml")
@@ -174,6 +218,8 @@ def test_missing_study_file_and_param_clash(tmp_path):
         load_study_file(path, {"layers": "1"})
     with pytest.raises(HarnessError, match="--param width"):
         load_study_file(path, {"width": "1"})
+    with pytest.raises(HarnessError, match="^--param inner=0: sasrec's inner must be >= 1$"):
+        load_study_file(path, {"inner": "0"})
 
 
 def _job(path: Path, tmp_path: Path, **kw) -> TuneJob:
@@ -192,8 +238,10 @@ def test_changed_search_space_is_refused_unless_new_study(tmp_path):
     assert again.study_name == "sasrec-synthetic" and note.startswith("resuming study") and "1 waiting" in note
 
     path.write_text(SMALL.replace("high = 2", "high = 3"))
+    journal = (tmp_path / "s.journal").read_bytes()
     with pytest.raises(HarnessError) as e:
         open_study(_job(path, tmp_path), storage)
+    assert (tmp_path / "s.journal").read_bytes() == journal  # a refused resume writes nothing
     text = str(e.value)
     assert "different definition" in text and "space.layers: int [1, 2] stored, int [1, 3]" in text
     assert "--new-study" in text and "\n" not in text

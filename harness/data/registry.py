@@ -59,6 +59,11 @@ def resolve(name: str, data_dir_: Path, cache_dir_: Path | None = None) -> Path:
             f"`harness data fetch {info.name} --data-dir {data_dir_}` (downloads {info.description} from "
             f"{info.raw_url}), or point --data-dir / HARNESS_DATA_DIR at a directory holding {info.path}",
             info.name)
+    if Path(name).is_dir():
+        inside = sorted(str(f) for f in Path(name).glob("*.txt"))[:3]
+        hint = f" such as {', '.join(inside)}" if inside else ""
+        raise HarnessError(f"dataset {name} is a directory, not a file: give a `user item item ...` file{hint}, "
+                           f"or a registered name with --data-dir {name}")
     if is_path(name):
         path = Path(name)
         if not path.is_file():
