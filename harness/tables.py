@@ -4,8 +4,9 @@ Every table the harness writes (Table 2 and the ablation, Table 3, the sensitivi
 study's top trials) is a frame of cell strings rendered by pandas' `Styler.to_latex`: booktabs
 rules, caption and label, escaping of the row and column labels, a repeated leading row label
 (the dataset) printed once. Hand-written here only what the library cannot do:
-- a cell's text: bold or underline wraps the number alone, before its `+-std` and `*`
-  (Styler's wrapping commands would wrap the whole cell);
+- a cell's text: bold or underline wraps the number alone, before its `+-std` and its marks
+  (`*` significant, `\\dagger` a run hit the epoch cap; Styler's wrapping commands would wrap
+  the whole cell);
 - marks compared at the printed precision, so ties share a mark;
 - a `\\midrule` between row groups where Styler draws `\\cline` (booktabs has no `\\cline`).
 """
@@ -58,7 +59,8 @@ def latex_table(cells: pd.DataFrame, caption: str, label: str = "", column_forma
 
 @dataclass
 class Table:
-    """Rows x columns of means, with optional std and stars, rendered as one booktabs table."""
+    """Rows x columns of means, with optional std, stars, epoch-cap daggers and 95% intervals,
+    rendered as one booktabs table; its CSV has one row per cell with every number it has."""
 
     mean: pd.DataFrame  # index: row labels (tuples allowed), columns: model / variant names
     std: pd.DataFrame | None = None
@@ -67,6 +69,10 @@ class Table:
     label: str = ""
     decimals: int = 4
     highlight: str | None = "row"  # bold/underline per "row", per "column", over "all" cells, or None
+    low: pd.DataFrame | None = None  # 95% interval, same shape as mean (CSV only)
+    high: pd.DataFrame | None = None
+    daggers: pd.DataFrame | None = None  # bool, same shape: a run of the cell stopped at the epoch cap
+    extra: pd.DataFrame | None = None  # more CSV columns, indexed like the stacked cells (row levels + column)
 
     def marks(self) -> dict:
         out: dict = {}
@@ -91,38 +97,67 @@ class Table:
             text = rf"\underline{{{text}}}"
         if self.std is not None and not pd.isna(self.std.loc[idx, col]):
             text += rf"{{\scriptsize$\pm${self.std.loc[idx, col]:.{self.decimals}f}}}"
-        if self.stars is not None and bool(self.stars.loc[idx, col]):
-            text += r"$^*$"
+        sup = [sign for sign, frame in (("*", self.stars), (r"\dagger", self.daggers))
+               if frame is not None and bool(frame.loc[idx, col])]
+        if len(sup) == 1:
+            text += f"$^{sup[0]}$"
+        elif sup:
+            text += f"$^{{{''.join(sup)}}}$"
         return text
 
     def cells(self) -> pd.DataFrame:
         marks = self.marks()
+        columns = self.mean.columns.set_names([None] * self.mean.columns.nlevels)  # their name is the CSV's
         return pd.DataFrame([[self.cell(idx, c, marks.get((idx, c))) for c in self.mean.columns]
-                             for idx in self.mean.index], index=self.mean.index, columns=self.mean.columns)
+                             for idx in self.mean.index], index=self.mean.index, columns=columns)
 
     def to_latex(self) -> str:
         return latex_table(self.cells(), self.caption, self.label)
 
+    def long(self) -> pd.DataFrame:
+        """One row per cell (row labels, then the column's name): mean, std, ci95_low, ci95_high,
+        max_epochs (a run hit the epoch cap), star, then the `extra` columns."""
+        column = self.mean.columns.name or "column"
+        parts = {"mean": self.mean, "std": self.std, "ci95_low": self.low, "ci95_high": self.high,
+                 "max_epochs": self.daggers, "star": self.stars}
+        frame = pd.concat({name: part.rename_axis(columns=column).stack() for name, part in parts.items()
+                           if part is not None}, axis=1)
+        if self.extra is not None:
+            frame = frame.join(self.extra)
+        return frame
+
     def to_csv(self, path: Path) -> None:
-        frame = self.mean.copy()
-        if self.std is not None:
-            frame = frame.join(self.std.add_suffix(" std"))
-        if self.stars is not None:
-            frame = frame.join(self.stars.add_suffix(" p<0.01"))
-        frame.to_csv(path)
+        self.long().to_csv(path)
 
 
 def protocol_caption(split_note: str = "", seeds: int = 1, mask_history: bool = False, max_len: int = 50,
-                     stars: bool = True, marks: bool = True) -> str:
+                     stars: bool = True, marks: bool = True, primary: bool = False, intervals: bool = False,
+                     users_only: bool = False, daggers: bool = False) -> str:
+    """The protocol sentence every table shares, plus what its marks mean: `primary` says NDCG@10
+    is the primary metric, `intervals` that the CSV has 95% intervals (`users_only`: they, and
+    the test, cover user sampling only, one seed leaving training randomness unestimated),
+    `daggers` what the epoch-cap mark means."""
     masking = "history items masked" if mask_history else "history items not masked"
     seeds_note = f"mean $\\pm$ std over {seeds} seeds" if seeds > 1 else "one seed"
     text = (f"Leave-one-out split, every training prefix a sample, history $\\le$ {max_len}; full ranking "
             f"over all items ({masking}); {seeds_note}.")
+    if primary:
+        text += " NDCG@10 is the primary metric, fixed in advance."
     if marks:
         text += " Best in bold, second underlined."
     if stars:
-        text += (" $^*$: paired t-test over per-user metrics (seeds pooled), p $<$ 0.01 against the best "
-                 "other column.")
+        text += (" $^*$: IGR-SR above every other column on NDCG@10, two-sided p $<$ 0.01 after Holm's "
+                 "correction over those columns, by a t-test whose variance counts both the test users and the "
+                 "seed-to-seed spread of each model (Welch-Satterthwaite degrees of freedom).")
+    if daggers:
+        text += (" $^\\dagger$: a run of that cell stopped at the epoch cap, not by early stopping (it may be "
+                 "undertrained).")
+    if intervals:
+        source = (f"test users only{', as is the test' if stars else ''}: with one seed, training randomness "
+                  "cannot be estimated" if users_only else "test users and training seeds both counted")
+        text += (f" The table's CSV holds each cell's 95\\% interval ({source})"
+                 + (" and, per other column, IGR-SR's relative gain with its interval and the p-values." if stars
+                    else "."))
     return f"{text} {split_note}".strip()
 
 

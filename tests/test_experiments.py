@@ -91,8 +91,14 @@ def test_robustness_and_report(tmp_path):
     rebuilt = CliRunner().invoke(cli, ["--results-dir", str(tmp_path / "res"), "report", "--storage",
                                        str(tmp_path / "s.journal")], terminal_width=200)
     assert rebuilt.exit_code == 0 and "1 experiment(s) reported" in rebuilt.output
-    drop = pd.read_csv(tmp_path / "res" / "report" / "robustness-synthetic.csv")["drop_pct"].iloc[0]
+    csv = pd.read_csv(tmp_path / "res" / "report" / "robustness-synthetic.csv")
+    drop = csv["drop_pct"].iloc[0]
     assert f"{drop:.1f}" in rebuilt.output and f"{drop:.4f}" not in rebuilt.output  # a percentage, as one
+    assert csv["metric"].tolist() == ["Recall@10", "NDCG@10"] and csv["n_seeds"].eq(1).all()
+    assert (csv["drop_ci95_low"] <= csv["drop_pct"]).all() and (csv["drop_pct"] <= csv["drop_ci95_high"]).all()
+    # one epoch: every run hit the cap, and the table marks it; one seed: intervals over users only
+    assert csv["clean_max_epochs"].all() and r"$^\dagger$" in tex and "epoch cap" in tex
+    assert "test users only" in tex
 
 
 @pytest.mark.parametrize("noise_on, trained_on, evaluated_on", [("all", "noisy", "noisy"),
@@ -155,6 +161,10 @@ def test_sensitivity_grid_over_k_and_m(tmp_path):
     assert "0 of 2 cells already done; running 2" in result.output
     tex = (tmp_path / "res" / "report" / "sensitivity-synthetic.tex").read_text()
     assert "k=2" in tex and "k=4" in tex and "m=1" in tex and "$^*$" not in tex
+    assert r"$^\dagger$" in tex  # one epoch: the runs hit the cap
+    csv = pd.read_csv(tmp_path / "res" / "report" / "sensitivity-synthetic.csv")
+    assert list(csv.columns) == ["k", "m", "metric", "mean", "std", "ci95_low", "ci95_high", "n_seeds", "max_epochs"]
+    assert len(csv) == 4 and (csv["ci95_low"] <= csv["mean"]).all() and (csv["mean"] <= csv["ci95_high"]).all()
     assert (tmp_path / "res" / "report" / "sensitivity-synthetic-figure.png").stat().st_size > 1000
     bad = CliRunner().invoke(cli, ["sensitivity", "--dataset", "synthetic", "--k", "2,x"])
     assert bad.exit_code != 0 and "--k" in bad.output
@@ -258,6 +268,9 @@ def test_compare_gives_each_model_its_study_files_patience_unless_given(tmp_path
 
     output, patience, tex = compare("own")
     assert patience == {"sasrec": 10, "iclrec": 40}
+    csv = pd.read_csv(tmp_path / "own" / "report" / "compare-synthetic.csv")
+    assert {"Dataset", "Metric", "Model", "mean", "std", "ci95_low", "ci95_high", "max_epochs", "n_seeds"} <= set(csv)
+    assert len(csv) == 8 and csv["max_epochs"].all()  # 4 metrics x 2 models, one epoch each
     assert "trainer: iclrec: patience 40" in output
     assert "(early stop after 10 epochs without gain)" in tex
     assert "ICLRec: early stop after 40 epochs without gain (its study file's trainer setting)." in tex

@@ -1,4 +1,5 @@
-"""Report building blocks: per-user metrics, paired t-tests and stars, figures."""
+"""Report building blocks: per-user metrics, the star's rule, the comparison table from stored ranks
+(stars, daggers, intervals, gains, dropped seeds), figures."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,3 +58,83 @@ def test_captions_state_the_budget_and_the_precision():
     note = budget_note({"epochs": 30, "patience": 10, "precision": "bf16"})
     assert "at most 30 epochs" in note and "early stop after 10" in note and "in bf16 (scores ranked in fp32)" in note
     assert budget_note({}) == ""
+
+
+class FakeArtifacts:
+    """Per-user ranks by artifact id, read back the way optuna's artifact store serves them."""
+
+    def __init__(self):
+        self.ranks: dict[str, np.ndarray] = {}
+
+    def open_reader(self, artifact_id: str):
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, test_ranks=self.ranks[artifact_id])
+        buf.seek(0)
+        return buf
+
+
+def fake_runs(store: FakeArtifacts, hit_rates: dict[str, float], seeds: dict[str, list[int]], users: int = 3000,
+              capped: tuple = ()) -> pd.DataFrame:
+    """Finished cells as harness.report.runs_frame makes them from trials: per model and seed, ranks
+    with the model's top-10 hit rate; `capped` (model, seed) runs stopped at the epoch cap."""
+    from types import SimpleNamespace
+
+    from harness.report import METRICS, runs_frame
+
+    rng = np.random.default_rng(0)
+    trials = []
+    for model, hit in hit_rates.items():
+        for seed in seeds[model]:
+            ranks = np.where(rng.random(users) < hit, rng.integers(0, 10, users), rng.integers(10, 1000, users))
+            store.ranks[f"{model}-{seed}"] = ranks
+            stopped = "max epochs" if (model, seed) in capped else "early stop (no gain for 5 epochs)"
+            trials.append(SimpleNamespace(user_attrs={
+                "cell_info": {"model": model, "dataset": "toys", "seed": seed, "noise": 0.0, "params": {}},
+                "test": {m: float(per_user_metric(ranks, m).mean()) for m in METRICS},
+                "artifact_ranks": f"{model}-{seed}", "stopped": stopped}))
+    return runs_frame(trials)
+
+
+def test_star_on_ndcg_only_when_igr_sr_beats_every_baseline(tmp_path):
+    from harness.report import comparison_table
+
+    store, seeds = FakeArtifacts(), {m: [2020, 2021, 2022] for m in ("sasrec", "gru4rec", "igr-sr")}
+    runs = fake_runs(store, {"sasrec": 0.10, "gru4rec": 0.08, "igr-sr": 0.16}, seeds)
+    table = comparison_table(runs, store, "compare", mask_history=False)
+    assert table.stars.loc[("toys", "NDCG@10"), "IGR-SR"]
+    assert table.stars.to_numpy().sum() == 1  # NDCG@10, the primary metric, only
+    assert "NDCG@10 is the primary metric" in table.caption and "Holm" in table.caption
+    assert r"$\dagger$" not in table.to_latex()  # no run hit the epoch cap
+    table.to_csv(tmp_path / "t.csv")
+    csv = pd.read_csv(tmp_path / "t.csv").set_index(["Dataset", "Metric", "Model"])
+    for col in ("mean", "std", "ci95_low", "ci95_high", "max_epochs", "star", "n_seeds", "gain_pct", "gain_ci95_low",
+                "gain_ci95_high", "p", "p_holm", "p_users", "seeds_ahead"):
+        assert col in csv.columns, col
+    sasrec = csv.loc[("toys", "NDCG@10", "SASRec")]
+    assert sasrec["gain_ci95_low"] < sasrec["gain_pct"] < sasrec["gain_ci95_high"] and sasrec["gain_ci95_low"] > 0
+    assert sasrec["p_holm"] >= sasrec["p"] and sasrec["seeds_ahead"] == 3 and sasrec["n_seeds"] == 3
+    igr = csv.loc[("toys", "NDCG@10", "IGR-SR")]
+    assert igr["ci95_low"] < igr["mean"] < igr["ci95_high"] and np.isnan(igr["gain_pct"])
+    assert igr["mean"] == pytest.approx(runs.loc[runs["model"] == "igr-sr", "ndcg@10"].mean())
+
+    tied = fake_runs(store, {"sasrec": 0.16, "gru4rec": 0.08, "igr-sr": 0.16}, seeds)
+    assert not comparison_table(tied, store, "compare", mask_history=False).stars.to_numpy().any()
+
+
+def test_capped_runs_get_a_dagger_and_dropped_seeds_are_named():
+    from harness.report import comparison_table
+
+    store = FakeArtifacts()
+    seeds = {"sasrec": [2020, 2021], "igr-sr": [2020, 2021, 2022]}
+    runs = fake_runs(store, {"sasrec": 0.10, "igr-sr": 0.12}, seeds, capped=(("sasrec", 2021), ("igr-sr", 2022)))
+    assert runs["capped"].tolist() == [False, True, False, False, True]
+    table = comparison_table(runs, store, "compare", mask_history=False)
+    assert table.daggers["SASRec"].all() and not table.daggers["IGR-SR"].any()  # 2022 is not among the seeds used
+    ndcg_row = next(line for line in table.to_latex().splitlines() if line.startswith(" & NDCG@10"))
+    assert r"$^\dagger$" in ndcg_row.split("&")[2] and "epoch cap" in table.caption
+    assert "Means and tests use the 2 seeds every column has; seed 2022 of some columns left out." in table.caption
+    igr = runs[(runs["model"] == "igr-sr") & (runs["seed"] < 2022)]
+    assert table.mean.loc[("toys", "Recall@10"), "IGR-SR"] == pytest.approx(igr["recall@10"].mean())
+    assert table.long()["n_seeds"].eq(2).all()

@@ -31,7 +31,7 @@ def test_table_marks_best_bold_second_underlined_star_on_proposed_cell():
     tex = table_2().to_latex()
     recall_row = next(line for line in tex.splitlines() if line.startswith("Toys & Recall@10"))
     assert recall_row == r"Toys & Recall@10 & 0.0708 & \underline{0.0731} & \textbf{0.0802}$^*$ \\"
-    ndcg_row = next(line for line in tex.splitlines() if "NDCG@10" in line)
+    ndcg_row = next(line for line in tex.splitlines() if line.startswith(" & NDCG@10"))
     assert ndcg_row.startswith(" & NDCG@10")  # repeated dataset label printed once
     assert r"\textbf{0.0372}" in ndcg_row and "$^*$" not in ndcg_row
     assert r"\toprule" in tex and r"\bottomrule" in tex and "tab:overall" in tex
@@ -45,7 +45,38 @@ def test_table_with_std_and_column_highlight(tmp_path):
     assert r"\textbf{0.0800}{\scriptsize$\pm$0.0010}" in tex
     assert r"\underline{0.0750}" in tex and "w/o LID & 0.0700" in tex
     t.to_csv(tmp_path / "t.csv")
-    assert "Recall@10 std" in (tmp_path / "t.csv").read_text()
+    csv = pd.read_csv(tmp_path / "t.csv")
+    assert list(csv.columns) == ["Unnamed: 0", "column", "mean", "std"]
+    assert csv["std"].tolist() == [0.001, 0.002, 0.003]
+
+
+def test_epoch_cap_dagger_beside_the_star_and_one_csv_row_per_cell(tmp_path):
+    t = table_2()
+    t.daggers = pd.DataFrame(False, index=t.mean.index, columns=t.mean.columns)
+    t.daggers.loc[("Toys", "Recall@10"), ["SASRec", "IGR-SR"]] = True
+    t.low, t.high = t.mean - 0.001, t.mean + 0.001
+    t.mean.columns.name = "Model"
+    t.extra = pd.DataFrame({"gain_pct": [13.3]}, index=pd.MultiIndex.from_tuples(
+        [("Toys", "Recall@10", "SASRec")], names=["Dataset", "Metric", "Model"]))
+    recall_row = next(line for line in t.to_latex().splitlines() if line.startswith("Toys & Recall@10"))
+    assert recall_row == r"Toys & Recall@10 & 0.0708$^\dagger$ & \underline{0.0731} & \textbf{0.0802}$^{*\dagger}$ \\"
+    t.to_csv(tmp_path / "t.csv")
+    csv = pd.read_csv(tmp_path / "t.csv")
+    assert list(csv.columns) == ["Dataset", "Metric", "Model", "mean", "ci95_low", "ci95_high", "max_epochs", "star",
+                                 "gain_pct"]
+    assert len(csv) == 6  # 2 rows x 3 models
+    sasrec = csv[(csv["Metric"] == "Recall@10") & (csv["Model"] == "SASRec")].iloc[0]
+    assert sasrec["max_epochs"] and not sasrec["star"] and sasrec["gain_pct"] == 13.3
+    assert sasrec["ci95_low"] == pytest.approx(0.0698) and sasrec["ci95_high"] == pytest.approx(0.0718)
+
+
+def test_captions_name_the_primary_metric_the_marks_and_what_the_intervals_cover():
+    text = protocol_caption(seeds=3, primary=True, intervals=True, daggers=True)
+    assert "NDCG@10 is the primary metric" in text and "Holm" in text and "$^\\dagger$" in text
+    assert "test users and training seeds both counted" in text and "relative gain" in text
+    one = protocol_caption(seeds=1, intervals=True, users_only=True, stars=False)
+    assert "test users only" in one and "relative gain" not in one and "$^*$" not in one
+    assert "primary" not in protocol_caption(stars=False)  # the tuning tables keep their caption
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (Debian texlive-latex-recommended)")
