@@ -15,9 +15,15 @@ from harness.errors import HarnessError
 STOPPABLE = {"train", "tune", "paper"}
 
 
+# Exit status of a command aborted by Ctrl-C (a second one while a run stops): 128 + SIGINT, as a shell
+EXIT_ABORTED = 130
+
+
 class HarnessGroup(click.Group):
-    """Turns HarnessError (bad input, missing data) into one line and exit code 1, and a run
-    stopped by --stop-after or a signal into one line and exit code 75 (retry later)."""
+    """Turns HarnessError (bad input, missing data) into one line and exit code 1, a run
+    stopped by --stop-after or a signal into one line and exit code 75 (retry later), and an
+    abort (KeyboardInterrupt: Ctrl-C twice while training, once elsewhere) into "aborted" and
+    exit code 130 (not click's "Aborted!" and 1)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["harness.argv"] = list(args)  # the command line, for "continue with: ..."
@@ -45,6 +51,9 @@ class HarnessGroup(click.Group):
 
             click.echo(f"{e}; continue with: {shlex.join(['harness', *argv])}", err=True)
             ctx.exit(stopping.EXIT_STOPPED)
+        except KeyboardInterrupt:
+            click.echo("aborted", err=True)
+            ctx.exit(EXIT_ABORTED)
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
@@ -82,9 +91,9 @@ def stop_after_option(f):
 
 
 def _console():
-    from rich.console import Console
+    from harness.console import console
 
-    return Console()
+    return console()
 
 
 @click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,6 +146,30 @@ def trainer_options(f):
     return f
 
 
+def data_dir_option(f):
+    """--data-dir after a `data` subcommand too (as every command that trains takes it)."""
+
+    def override(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None and not ctx.resilient_parsing:
+            ctx.obj["data_dir"] = Path(value)
+
+    return click.option("--data-dir", type=click.Path(file_okay=False), default=None, expose_value=False,
+                        callback=override, help="Overrides the group's --data-dir.")(f)
+
+
+def results_dir_option(f):
+    """--results-dir after the subcommand too, for the commands that write results. Passed on as
+    `cmd_results_dir` (a worker process gets it back on its command line) and put in ctx.obj."""
+
+    def override(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not ctx.resilient_parsing:
+            ctx.obj["results_dir"] = Path(value)
+        return value
+
+    return click.option("--results-dir", "cmd_results_dir", type=click.Path(file_okay=False), default=None,
+                        callback=override, help="Overrides the group's --results-dir.")(f)
+
+
 def train_config(kw: dict):
     from harness.train import TrainConfig, resolve_precision
 
@@ -162,6 +195,7 @@ def run_spec(ctx: click.Context, model: str, dataset: str, params: tuple[str, ..
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable).")
 @stop_after_option
 @trainer_options
+@results_dir_option
 @click.pass_context
 def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], **kw) -> None:
     """Train one model and print validation and test metrics.
@@ -256,9 +290,9 @@ def bench(ctx: click.Context, model: str | None, models_: str | None, dataset: s
     if as_json:
         click.echo(json.dumps(rows))
     else:
-        from rich.console import Console
+        from harness.console import console
 
-        Console(width=max(_console().width, 200)).print(format_models_table(rows))  # never fold the columns
+        console(width=max(_console().width, 200)).print(format_models_table(rows))  # never fold the columns
 
 
 @cli.group()
@@ -267,6 +301,7 @@ def data() -> None:
 
 
 @data.command("list")
+@data_dir_option
 @click.pass_context
 def data_list(ctx: click.Context) -> None:
     """Known datasets and whether their files are present."""
@@ -280,6 +315,7 @@ def data_list(ctx: click.Context) -> None:
 
 @data.command("stats")
 @click.argument("dataset")
+@data_dir_option
 @click.pass_context
 def data_stats(ctx: click.Context, dataset: str) -> None:
     """Print the paper's Table 1 columns for DATASET, checked against the paper.
@@ -317,6 +353,7 @@ def data_stats(ctx: click.Context, dataset: str) -> None:
 @click.option("--raw", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Use this already-downloaded raw file instead of downloading.")
 @click.option("--force", is_flag=True, help="Overwrite an existing processed file.")
+@data_dir_option
 @click.pass_context
 def data_fetch(ctx: click.Context, dataset: str, raw: str | None, force: bool) -> None:
     """Download DATASET's official raw file and preprocess it into the data directory.
@@ -424,6 +461,7 @@ def _given_options(ctx: click.Context, **overrides) -> list[str]:
 @click.option("--worker", "worker_index", type=int, default=None, hidden=True)
 @stop_after_option
 @trainer_options
+@results_dir_option
 @click.pass_context
 def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | None, trials: int | None,
          timeout: float | None, storage: str | None, study_name: str | None, new_study: bool, workers: int,
@@ -481,8 +519,9 @@ def studies_command(storage: str | None) -> None:
 @click.option("--storage", envvar="HARNESS_STORAGE", default=None, help=_STORAGE_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@results_dir_option
 @click.pass_context
-def dashboard(ctx: click.Context, storage: str | None, host: str, port: int) -> None:
+def dashboard(ctx: click.Context, storage: str | None, host: str, port: int, cmd_results_dir: str | None) -> None:
     """Serve optuna-dashboard on the studies (and the trials' artifacts) while they run.
 
     \b
@@ -525,7 +564,7 @@ def _experiment_command(kind) -> click.Command:
             click.echo(f"LaTeX: {tex}  (CSV and figures beside it)")
         click.echo(f"study {name!r} in {storage or 'studies/optuna.journal'}; `harness report` rebuilds every table")
 
-    command = trainer_options(command)
+    command = results_dir_option(trainer_options(command))
     for option in reversed([click.option("--dataset", required=True, help=kind.dataset_help), *kind.options,
                             _SEEDS, _PARAMS, _STORAGE, stop_after_option]):
         command = option(command)
@@ -554,8 +593,9 @@ _add_experiment_commands()
 @cli.command()
 @_STORAGE
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default <results-dir>/report.")
+@results_dir_option
 @click.pass_context
-def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
+def report(ctx: click.Context, storage: str | None, out: str | None, cmd_results_dir: str | None) -> None:
     """Write every experiment's LaTeX table, CSV and figures from the stored runs (no retraining).
 
     \b
@@ -563,7 +603,9 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
       harness report --out results/report
     """
     from harness.experiments import report_experiments
+    from harness.store import require_existing
 
+    require_existing(storage)  # a mistyped --storage creates no journal, lock or output folder
     target = Path(out) if out else ctx.obj["results_dir"] / "report"
     made = report_experiments(storage, ctx.obj["results_dir"], target)
     for _, tex, table in made:
@@ -574,6 +616,20 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
 
 
 # ---- the whole pipeline: harness/paper.py --------------------------------------------------
+
+def _token_counts(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """paper --k/--m: inside IGR-SR's declared ranges, checked before any stage runs (the value
+    goes on as given; one that is not comma-separated integers is the plan's to refuse)."""
+    from harness.kinds.sensitivity import check_token_counts
+
+    try:
+        counts = [int(v) for v in value.split(",") if v]
+    except ValueError:
+        return value
+    if not ctx.resilient_parsing:
+        check_token_counts(param.name[:-1], counts)
+    return value
+
 
 @cli.command()
 @click.option("--dataset", required=True, help="toys, instrument, cds_and_vinyl, synthetic[-SCALE] or a file path.")
@@ -610,10 +666,12 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
                    "ranks (no weights), pre-trained encoders, checkpoints of runs in flight, report. Copy it "
                    "anywhere and run the same command there to continue; the report rebuilds from it alone.")
 @click.option("--prefix", default="paper", show_default=True, help="Study names: PREFIX-MODEL-DATASET, PREFIX-compare-DATASET...")
-@click.option("--stages", default="tune,compare,ablate,sensitivity,robustness,report", show_default=True,
+@click.option("--stages", default="tune,select,compare,ablate,sensitivity,robustness,report", show_default=True,
               help="The stages to run, in this order; each resumes from the stores.")
-@click.option("--k", "ks", default="2,4,8,16,32", show_default=True, help="Sensitivity: prefix token counts.")
-@click.option("--m", "ms", default="1,2,3,4,5", show_default=True, help="Sensitivity: intent token counts.")
+@click.option("--k", "ks", default="2,4,8,16,32", show_default=True, callback=_token_counts,
+              help="Sensitivity: prefix token counts.")
+@click.option("--m", "ms", default="1,2,3,4,5", show_default=True, callback=_token_counts,
+              help="Sensitivity: intent token counts.")
 @click.option("--noise", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
 @click.option("--noise-on", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True,
               help="Robustness: which histories carry the noise (see harness robustness --help).")
@@ -627,9 +685,10 @@ def report(ctx: click.Context, storage: str | None, out: str | None) -> None:
 @click.option("--lid-epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--worker", "worker_index", type=int, default=None, hidden=True)
 @stop_after_option
+@results_dir_option
 @click.pass_context
 def paper(ctx: click.Context, dataset: str, models_: str | None, storage: str | None, out: str | None,
-          run_dir: str | None, stages: str,
+          run_dir: str | None, stages: str, cmd_results_dir: str | None,
           patience: int | None, seed: int, device: str, precision: str, lid_epochs: int, worker_index: int | None,
           no_bench: bool, **kw) -> None:
     """The paper's pipeline on one dataset, resumable: tune every model under one budget, then

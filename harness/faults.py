@@ -10,7 +10,8 @@ which harness/stopping.py turns into a clean stop) or raises a disk-full OSError
 `enospc`) the N-th time it reaches POINT,
 only in tune worker WORKER when given (HARNESS_WORKER, set by the parent; 0 is the parent).
 Points: `trial` (a tune trial has started, before its worker is recorded on it), `epoch` (an
-epoch's validation is reported), `artifact` (before each artifact upload),
+epoch's validation is reported), `checkpoint` (any resumable run, pre-training included, has
+saved its epoch's checkpoint), `artifact` (before each artifact upload),
 `summary` (midway through writing a study's summary), `cell` (an experiment cell is about to
 be told its result), `workers` (the parent has started its worker processes)."""
 from __future__ import annotations

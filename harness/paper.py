@@ -49,6 +49,7 @@ from typing import Any, Callable
 from harness import stopping
 from harness.errors import HarnessError
 from harness.paper_plan import (PROPOSED, LR_RANGE, VARIANT_POLICY, PaperJob, Budget, Cost, Item, StagePlan,
+                                first_params, tuned, untuned,
                                 _split, _ints, variants, check, measure_costs, _study_file,
                                 default_first_rung, _patience, build_plan, total_seconds, fit_budget,
                                 format_duration, format_plan, _write_text, _n)
@@ -77,6 +78,8 @@ def fill_done(job: PaperJob, plans: list[StagePlan], budget: Budget) -> None:
             if item.tuning:
                 item.done = min(finished(study), item.runs)
             elif "experiment" in study.user_attrs:
+                if plan.name == "select":  # two candidates per model, one where they are the same
+                    item.runs = len(set(study.user_attrs["experiment"]["cells"]))
                 item.done = min(len(completed_cells(study)), item.runs)
 
 
@@ -134,25 +137,28 @@ class Progress:
 
 
 def finished(study) -> int:
-    from optuna.trial import TrialState
+    from harness.studies import budget_trials
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(budget_trials(study))
 
 
 def best_of_first(storage, name: str, n: int):
-    """The best COMPLETE trial among the study's first `n` finished trials (by number)."""
+    """The best COMPLETE trial among the study's first `n` budget trials (studies.budget_trials)."""
     import optuna
-    from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=name, storage=storage)
-    first = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                   key=lambda t: t.number)[:n]
-    complete = [t for t in first if t.state == TrialState.COMPLETE]
+    from harness.studies import best_of, budget_trials
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise HarnessError(f"study {name!r} does not exist: run the tune stage first") from None
+    first = budget_trials(study, n)
     if len(first) < n:
         raise HarnessError(f"study {name!r} has {len(first)} of {n} finished trials: run the tune stage first")
-    if not complete:
-        raise HarnessError(f"study {name!r}: none of its first {n} trials completed (all pruned); raise --trials")
-    return max(complete, key=lambda t: t.value)
+    best = best_of(first)
+    if best is None:
+        raise HarnessError(f"study {name!r}: none of its first {n} trials completed (pruned or failed); raise --trials")
+    return best
 
 
 def tuned_params(job: PaperJob, budget: Budget, storage, model: str) -> tuple[dict[str, Any], Any]:
@@ -160,6 +166,109 @@ def tuned_params(job: PaperJob, budget: Budget, storage, model: str) -> tuple[di
     trial's (the trials ran with both)."""
     best = best_of_first(storage, job.study(model), budget.trials)
     return {**_study_file(model).fixed, **best.params}, best
+
+
+SELECT_RULE = ("each model's configuration is the better, by validation NDCG@10 of a run trained to early stop "
+               "(the model's own patience) on the tuning seed, of its authors' settings (its study file's first "
+               "enqueued trial) and its best tuning trial (among the first N of its study); ties go to the authors' "
+               "settings. So no model ends below its authors' settings because the tuning cap was short")
+
+
+def selection_candidates(job: PaperJob, budget: Budget, storage, model: str) -> dict[str, dict[str, Any]]:
+    """"authors" and "tuned" parameters of a model (one entry when they are the same)."""
+    authors = first_params(model)
+    best, _ = tuned_params(job, budget, storage, model)
+    return {"authors": authors} if best == authors else {"authors": authors, "tuned": best}
+
+
+def selection(job: PaperJob, budget: Budget, storage, model: str) -> dict[str, Any]:
+    """The select stage's outcome for one model: which candidate won, both validation NDCG@10,
+    the margin, and the winner's parameters. Raises until the stage has run its cells."""
+    import optuna
+
+    from harness.experiments import completed_cells
+
+    name = job.study("select")
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise HarnessError(f"study {name!r} does not exist: run the select stage first") from None
+    by_params = {json.dumps(t.user_attrs.get("cell_info", {}).get("params", {}), sort_keys=True): t
+                 for t in completed_cells(study) if t.user_attrs.get("cell_info", {}).get("model") == model}
+    found: dict[str, Any] = {}
+    for which, params in selection_candidates(job, budget, storage, model).items():
+        kept = _kept_params(model, params)
+        trial = by_params.get(json.dumps(kept, sort_keys=True))
+        if trial is None:
+            raise HarnessError(f"{model}: the select stage has not run its {which} candidate yet: run it first")
+        found[which] = (params, trial)
+    winner = "tuned" if "tuned" in found and found["tuned"][1].value > found["authors"][1].value else "authors"
+    out = {"chosen": winner, "params": found[winner][0],
+           **{f"valid_ndcg@10_{w}": t.value for w, (_, t) in found.items()},
+           **{f"test_ndcg@10_{w}": t.user_attrs.get("test", {}).get("ndcg@10") for w, (_, t) in found.items()},
+           **{f"stopped_{w}": t.user_attrs.get("stopped") for w, (_, t) in found.items()}}
+    if "tuned" in found:
+        out["margin"] = found["tuned"][1].value - found["authors"][1].value
+    else:
+        out["note"] = "the best tuning trial is the authors' settings"
+    return out
+
+
+def _kept_params(model: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What a cell stores of `params` (experiments.params_for keeps config fields and trainer keys)."""
+    import models
+
+    from harness.runs import TRAINER_KEYS
+
+    spec = models.get(model)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    return {k: v for k, v in params.items() if (k in fields or k in TRAINER_KEYS) and k not in spec.fixed}
+
+
+def selected_params(job: PaperJob, budget: Budget, storage, model: str) -> dict[str, Any]:
+    """A model's parameters for the experiments: the select stage's winner ({} for a model
+    with nothing to tune)."""
+    if untuned(model):
+        return {}
+    if "select" not in job.stages:  # --stages without select: the best tuning trial, as the captions say
+        return tuned_params(job, budget, storage, model)[0]
+    return selection(job, budget, storage, model)["params"]
+
+
+def stage_select(ctx: Context) -> None:
+    """Per tuned model: its authors' settings and its best tuning trial, each trained to early
+    stop (final epoch cap, the model's patience) on the tuning seed, outside the final seeds."""
+    from harness.experiments import grid
+    from harness.runs import train_identity
+
+    job, budget = ctx.job, ctx.budget
+    storage = ctx.storage()
+    base = dataclasses.replace(job.final_base(), train=dataclasses.replace(job.final_base().train,
+                                                                           seed=job.base.train.seed))
+    cells, notes = [], []
+    names = tuned(ctx.names)
+    for model in names:
+        for which, params in selection_candidates(job, budget, storage, model).items():
+            path = write_params(job, f"select-{model}-{which}", params)
+            more, _ = grid([model], [job.dataset], 1, str(path), storage, first_seed=job.base.train.seed,
+                           train=train_identity(base.train, drop=("seed",)), given=job.final_given)
+            cells += more
+            notes.append(f"{model} on {job.dataset}: {which} candidate ({SELECT_RULE})")
+    plan = ctx.plan("select")
+    item = plan.items[0]
+    item.runs = len(cells)
+    _run_grid(ctx, plan, item, "select", cells, notes, names, [*_group_argv(job), "paper", "--stages", "select"],
+              base=base)
+    chosen = {m: selection(job, budget, storage, m) for m in names}
+    for model, result in chosen.items():
+        margin = f" by {result['margin']:+.4f}" if "margin" in result else ""
+        ctx.echo(f"{model}: {result['chosen']} settings chosen{margin} (valid ndcg@10 "
+                 + ", ".join(f"{w} {result[f'valid_ndcg@10_{w}']:.4f}" for w in ("authors", "tuned")
+                             if f"valid_ndcg@10_{w}" in result) + ")")
+    if ctx.manifest is not None:
+        ctx.manifest.data["selection"] = {"rule": SELECT_RULE, "seed": job.base.train.seed,
+                                          "models": {m: {k: v for k, v in r.items() if k != "params"}
+                                                     for m, r in chosen.items()}}
 
 
 def _toml_value(value: Any) -> str:
@@ -206,10 +315,10 @@ def lr_study_file(job: PaperJob, budget: Budget, variant: str, full: dict[str, A
 
 def lr_study_names(job: PaperJob, budget: Budget, storage, stored: set[str]) -> dict[str, str]:
     """variant -> its lr study's name, once IGR-SR's tuning study holds its budget."""
-    if job.study(PROPOSED) not in stored:
+    if job.study("select") not in stored or job.study(PROPOSED) not in stored:
         return {}
     try:
-        full, _ = tuned_params(job, budget, storage, PROPOSED)
+        full = selected_params(job, budget, storage, PROPOSED)
     except HarnessError:
         return {}
     return {v: lr_study_file(job, budget, v, full, write=False)[1] for v in variants()}
@@ -395,7 +504,7 @@ def stage_tune(ctx: Context) -> None:
 
     plan = ctx.plan("tune")
     waiting: list[str] = []
-    for item, model in zip(plan.items, ctx.names):
+    for item, model in zip(plan.items, tuned(ctx.names)):
         try:
             _tune_one(ctx, plan, item, pick_study_file(None, model, {}), model, None, ctx.budget.trials)
         except stopping.NoRoom as e:
@@ -408,7 +517,7 @@ def stage_tune(ctx: Context) -> None:
 
 
 def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list, notes: list[str],
-              models_: list[str], command: list[str], reuse: tuple[str, ...] = ()) -> None:
+              models_: list[str], command: list[str], reuse: tuple[str, ...] = (), base=None) -> None:
     """Run one experiment grid as its command would (check, claim and run the missing cells;
     with --workers, that many processes fill it), and insist that it is whole."""
     from types import SimpleNamespace
@@ -418,7 +527,7 @@ def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list,
     from harness.tune import run_worker_processes
 
     job = ctx.job
-    base = job.final_base()
+    base = base or job.final_base()
     ctx.commands.append(_command(command))
     check_runnable(cells, base, job.results_dir, "paper", models_)
     echo = ctx.progress.echo(plan, item, ctx.echo)
@@ -429,7 +538,8 @@ def _run_grid(ctx: Context, plan: StagePlan, item: Item, kind: str, cells: list,
                                         lambda i: ctx.worker_argv(plan.name, i, overrides), echo)
         for problem in problems:
             echo(f"warning: {problem}; the cells it left are run here")
-    study = run_experiment(kind, item.study, cells, base, job.storage, job.results_dir, notes, echo, reuse=reuse)
+    study = run_experiment(kind, item.study, cells, base, job.storage, job.results_dir, notes, echo, reuse=reuse,
+                           estimate=lambda cell: item.per_run)
     train = train_identity(base.train, drop=("seed",))
     keys = {c.key(train) for c in cells}
     done = len(completed_cells(study))
@@ -474,7 +584,7 @@ def _tuned_files(ctx: Context, storage, names: list[str]) -> tuple[dict[str, Pat
     job, budget = ctx.job, ctx.budget
     params, files = {}, {}
     for model in names:
-        params[model], _ = tuned_params(job, budget, storage, model)
+        params[model] = selected_params(job, budget, storage, model)
         files[model] = write_params(job, model, params[model])
     path = job.out_dir / "params" / "tuned.json"
     _write_text(path, json.dumps(params, indent=1, sort_keys=True) + "\n")
@@ -483,9 +593,16 @@ def _tuned_files(ctx: Context, storage, names: list[str]) -> tuple[dict[str, Pat
 
 def _tuned_origin(ctx: Context) -> str:
     b = ctx.budget
-    return (f"each model's best trial (by validation NDCG@10) among the first {_n(b.trials, 'finished trial')} of "
-            f"its own tuning study, every study under one budget: at most {b.epochs} epochs per trial, {b.pruner} "
-            f"pruning from epoch {b.first_rung}")
+    text = (f"each model's best trial (by validation NDCG@10) among the first {_n(b.trials, 'finished trial')} of "
+            f"its own tuning study, every study under one budget (at most {b.epochs} epochs per trial, {b.pruner} "
+            f"pruning from epoch {b.first_rung})")
+    if "select" in ctx.job.stages:
+        text += (f", or its authors' settings where those did better trained to early stop on the tuning seed "
+                 f"{ctx.job.base.train.seed} (the select stage)")
+    else:
+        text += " (the select stage, which weighs it against the authors' settings, was left out)"
+    return text + (f"; runs on seeds {', '.join(map(str, ctx.job.final_seeds))}, disjoint from the tuning seed "
+                   f"{ctx.job.base.train.seed}")
 
 
 def stage_compare(ctx: Context) -> None:
@@ -503,7 +620,7 @@ def stage_ablate(ctx: Context) -> None:
 
     job, budget = ctx.job, ctx.budget
     storage = ctx.storage()
-    full, _ = tuned_params(job, budget, storage, PROPOSED)
+    full = selected_params(job, budget, storage, PROPOSED)
     plan = ctx.plan("ablate")
     files: dict[str, Path] = {}
     chosen: dict[str, dict] = {}
@@ -579,10 +696,70 @@ def stage_report(ctx: Context) -> list:
         if job.study(kind) in stored:
             made += report_experiments(job.storage, job.results_dir, out, only=job.study(kind))
     tuning = tuning_overview(ctx, storage, stored)
+    tuning += compute_summary(ctx, storage, stored)
     for _, tex, _ in made:
         ctx.outputs.append(str(tex))
     ctx.outputs += tuning
     return made
+
+
+def _trial_seconds(t) -> float:
+    """What a run cost: its epochs' own seconds where recorded (resumed parts included), else
+    its wall time from start to end (a stopped and resumed trial's start is its last resume)."""
+    if t.user_attrs.get("train_seconds") is not None:
+        return float(t.user_attrs["train_seconds"])
+    if t.datetime_start and t.datetime_complete:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+    return 0.0
+
+
+def compute_summary(ctx: Context, storage, stored: set[str]) -> list[str]:
+    """compute.csv and the manifest's "compute": per model and stage, runs, epochs and hours,
+    and the pre-trainings (IGR-SR's LID encoders, LARES's stage 1) apart, since the equal tuning
+    budget does not cover them."""
+    import optuna
+    import pandas as pd
+    from optuna.trial import TrialState
+
+    job = ctx.job
+    rows, pre = [], {}
+    studies = [("tune", m, job.study(m)) for m in tuned(ctx.names)] + \
+              [(kind, None, job.study(kind)) for kind in ("select", "compare", "ablate", "sensitivity", "robustness")]
+    for stage, model, name in studies:
+        if name not in stored:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()
+                    and not t.user_attrs.get("reused_from")]
+        by_model: dict[str, list] = {}
+        for t in finished:
+            by_model.setdefault(model or t.user_attrs.get("cell_info", {}).get("model", "?"), []).append(t)
+            p = t.user_attrs.get("pretrain") or ({"key": t.user_attrs["lid_key"]} if t.user_attrs.get("lid_key") else None)
+            if p and p.get("key"):
+                pre.setdefault(p["key"], {**p, "model": model or t.user_attrs.get("cell_info", {}).get("model")})
+        for m, trials in by_model.items():
+            rows.append({"model": m, "stage": stage, "runs": len(trials),
+                         "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+                         "epochs": sum(int(t.user_attrs.get("epochs") or 0) for t in trials),
+                         "hours": round(sum(_trial_seconds(t) for t in trials) / 3600, 3)})
+    for key, p in pre.items():
+        rows.append({"model": p.get("model"), "stage": "pre-training", "runs": 1, "complete": 1,
+                     "epochs": p.get("epochs_run"), "hours": None if p.get("seconds") is None
+                     else round(p["seconds"] / 3600, 3), "key": key})
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows)
+    path = job.out_dir / "compute.csv"
+    frame.to_csv(path, index=False)
+    if ctx.manifest is not None:
+        totals = frame[frame["stage"] != "pre-training"].groupby("model")[["epochs", "hours"]].sum()
+        ctx.manifest.data["compute"] = {
+            "note": "per model: epochs and hours trained in this run's stages (copied cells not counted); "
+                    "pre-trainings apart (hours unknown for ones made before their seconds were recorded)",
+            "models": {m: {"epochs": int(r.epochs), "hours": round(float(r.hours), 2)} for m, r in totals.iterrows()},
+            "pretraining": [{k: v for k, v in r.items() if v is not None and v == v}
+                            for r in frame[frame["stage"] == "pre-training"].to_dict("records")]}
+    return [str(path)]
 
 
 def tuning_overview(ctx: Context, storage, stored: set[str]) -> list[str]:
@@ -595,8 +772,10 @@ def tuning_overview(ctx: Context, storage, stored: set[str]) -> list[str]:
     from harness.report import label
     from harness.tables import latex_escape, latex_table
 
+    from harness.studies import best_of, budget_trials
+
     job, budget = ctx.job, ctx.budget
-    rows = []
+    rows, curves = [], []
     lr_names = lr_study_names(job, budget, storage, stored)
     studies = [(label(m), job.study(m), budget.trials) for m in ctx.names] + \
               [(f"{label(v)}: lr", lr_names[v], budget.lr_trials) for v in variants() if v in lr_names]
@@ -604,21 +783,27 @@ def tuning_overview(ctx: Context, storage, stored: set[str]) -> list[str]:
         if name not in stored:
             continue
         study = optuna.load_study(study_name=name, storage=storage)
-        first = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                       key=lambda t: t.number)[:n]
-        try:
-            best = best_of_first(storage, name, n)
-        except HarnessError:
-            best = None
-        rows.append({"model": shown, "study": name, "trials": len(first),
+        first = budget_trials(study, n)
+        best = best_of(first)  # so far, while the study is short of its n (the row says "k / n")
+        every = study.get_trials(deepcopy=False)
+        rows.append({"model": shown, "study": name, "trials": len(first), "target": n,
                      "complete": sum(t.state == TrialState.COMPLETE for t in first),
                      "pruned": sum(t.state == TrialState.PRUNED for t in first),
+                     "failed": sum(t.state == TrialState.FAIL for t in first),
+                     "retried": sum("retry_history" in t.system_attrs for t in every),
+                     "stopped_and_resumed": sum(1 for t in every if t.user_attrs.get("stops")),
                      "epochs": sum(t.user_attrs.get("epochs", 0) for t in first),
                      "best_trial": None if best is None else best.number,
                      "valid_ndcg@10": None if best is None else best.value,
                      "test_ndcg@10": None if best is None else best.user_attrs.get("test", {}).get("ndcg@10"),
                      "test_recall@10": None if best is None else best.user_attrs.get("test", {}).get("recall@10"),
                      "params": json.dumps(best.params if best else {}, sort_keys=True)})
+        running = float("nan")
+        for i, t in enumerate(first, 1):
+            if t.state == TrialState.COMPLETE:
+                running = t.value if running != running else max(running, t.value)
+            curves.append({"model": shown, "study": name, "n": i, "trial": t.number, "state": t.state.name.lower(),
+                           "best_valid_ndcg@10": running})
         src = job.results_dir / "tune" / name.replace("/", "_")
         if src.is_dir():
             shutil.copytree(src, job.out_dir / "tune" / name.replace("/", "_"), dirs_exist_ok=True)
@@ -627,24 +812,56 @@ def tuning_overview(ctx: Context, storage, stored: set[str]) -> list[str]:
     frame = pd.DataFrame(rows)
     csv, tex = job.out_dir / "tuning.csv", job.out_dir / "tuning.tex"
     frame.to_csv(csv, index=False)
+    made = [str(csv), str(tex)]
+    if curves:
+        curve = pd.DataFrame(curves)
+        curve.to_csv(job.out_dir / "tuning_curve.csv", index=False)
+        made += [str(job.out_dir / "tuning_curve.csv"), *map(str, best_of_n_figure(curve, job.out_dir / "tuning_curve"))]
     fmt = lambda v: "--" if v is None or pd.isna(v) else f"{v:.4f}"  # noqa: E731
-    cells = pd.DataFrame({"Study": frame["study"].map(latex_escape), "Trials (complete / pruned)": [
-        f"{r.trials} ({r.complete} / {r.pruned})" for r in frame.itertuples()], "Epochs trained": frame["epochs"],
+    cells = pd.DataFrame({"Study": frame["study"].map(latex_escape), "Trials (complete / pruned / failed)": [
+        f"{r.trials}{'' if r.trials >= r.target else f' of {r.target}'} ({r.complete} / {r.pruned} / {r.failed})"
+        for r in frame.itertuples()], "Epochs trained": frame["epochs"],
         "Best trial": frame["best_trial"].map(lambda v: "--" if pd.isna(v) else str(int(v))),
         "Valid NDCG@10": frame["valid_ndcg@10"].map(fmt), "Test NDCG@10": frame["test_ndcg@10"].map(fmt)})
     cells.index = pd.Index(frame["model"], name="Model")
     caption = (f"Tuning on {latex_escape(job.data_name)} under one budget: every model's study (its own search "
                f"space and sampler, its authors' settings enqueued first) ran {_n(budget.trials, 'trial')} of at "
                f"most {budget.epochs} epochs, {budget.pruner} pruning from epoch {budget.first_rung}, selected and "
-               f"pruned on validation NDCG@10; each row is its best trial among the first {budget.trials} finished, "
-               f"whose parameters the experiments use. Rows ': lr' (lr-only studies, "
+               f"pruned on validation NDCG@10; each row is its best trial among the first {budget.trials} (complete, "
+               f"pruned and failed ones count), the tuned candidate of the select stage. Rows ': lr' (lr-only studies, "
                f"{_n(budget.lr_trials, 'trial')} each): "
                f"{latex_escape(VARIANT_POLICY)}. Training in {job.base.train.precision} (scores ranked in fp32).")
+    if (frame["trials"] < frame["target"]).any():
+        caption += (" Rows with \\emph{k of n} trials are still tuning: their best is the best so far, not yet the "
+                    "selected parameters.")
     tex.write_text(latex_table(cells, caption, "tab:tuning"))
-    return [str(csv), str(tex)]
+    return made
 
 
-RUNNERS = {"tune": stage_tune, "compare": stage_compare, "ablate": stage_ablate, "sensitivity": stage_sensitivity,
+def best_of_n_figure(curve, path: Path) -> list[Path]:
+    """Best validation NDCG@10 after n trials, one line per study: does the tuning saturate
+    within its budget (a curve still rising at n = N says more trials would have helped)?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for model, part in curve.groupby("model", sort=False):
+        ax.plot(part["n"], part["best_valid_ndcg@10"], marker="o", markersize=3, label=model)
+    ax.set_xlabel("trials (in order; pruned and failed ones count)")
+    ax.set_ylabel("best validation NDCG@10 so far")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = [path.with_suffix(".pdf"), path.with_suffix(".png")]
+    for p in out:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return out
+
+
+RUNNERS = {"tune": stage_tune, "select": stage_select, "compare": stage_compare, "ablate": stage_ablate, "sensitivity": stage_sensitivity,
            "robustness": stage_robustness, "report": stage_report}
 
 
@@ -677,7 +894,7 @@ def run_paper(job: PaperJob, worker_argv: Callable[[str, int, dict], list[str]] 
         return []
 
     first = job.min_epochs or default_first_rung(names, job.epochs)
-    cost_models = list(dict.fromkeys([*names, *([PROPOSED] if PROPOSED in names else []), *(
+    cost_models = list(dict.fromkeys([*tuned(names), *([PROPOSED] if PROPOSED in names else []), *(
         ["sasrec"] if PROPOSED in names and "sasrec" not in names else [])]))
     costs = measure_costs(job, cost_models, data, threads, echo)
     for v in variants():
@@ -702,10 +919,13 @@ def run_paper(job: PaperJob, worker_argv: Callable[[str, int, dict], list[str]] 
                    "overrides": "every study's trials, epoch cap, pruner and first rung are these, whatever its "
                                 "study file says; each keeps its own search space, sampler, enqueued trials "
                                 "and [trainer] patience",
-                   "selection": "each model's best COMPLETE trial among the first N finished (by trial number)"},
+                   "selection": "each model's best COMPLETE trial among the first N trials of its study (by trial "
+                                "number; complete, pruned and failed-not-retried count), then the select stage: "
+                                + SELECT_RULE},
         "study_files": {m: {"path": str(_study_file(m).path), "trials": _study_file(m).trials,
                             "pruner": [_study_file(m).pruner[0], _study_file(m).pruner[1]],
-                            "enqueued": len(_study_file(m).enqueue)} for m in names},
+                            "enqueued": len(_study_file(m).enqueue)} for m in tuned(names)},
+        "untuned": [m for m in names if untuned(m)],
         "seeds": {"tuning": job.base.train.seed, "final": job.final_seeds,
                   "sensitivity": job.final_seeds[:1] + [job.final_seeds[0] + i for i in range(1, job.sensitivity_seeds)],
                   "note": "every tuning trial runs on the tuning seed; every reported run (compare, ablate, "

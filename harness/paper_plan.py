@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from harness.errors import HarnessError
 
-STAGES = ("tune", "compare", "ablate", "sensitivity", "robustness", "report")
+STAGES = ("tune", "select", "compare", "ablate", "sensitivity", "robustness", "report")
 
 
 PROPOSED = "igr-sr"
@@ -210,15 +210,31 @@ def _ints(option: str, value: str) -> list[int]:
     return out
 
 
+def untuned(model: str) -> bool:
+    """A model with nothing to tune (no config field: MostPop, the popularity floor): Table 2
+    shows it, the tune and select stages skip it."""
+    import models
+
+    return not dataclasses.fields(models.get(model).config_cls)
+
+
+def tuned(names: list[str]) -> list[str]:
+    return [m for m in names if not untuned(m)]
+
+
 def default_models() -> tuple[list[str], list[str]]:
     """Table 2's systems: every registered model but the ablation variants that has a study
-    file (its search space), IGR-SR last; and the models left out for want of one."""
+    file (its search space) or nothing to tune (MostPop), IGR-SR last; and the models left out
+    for want of a study file."""
     import models
     from harness.studies import study_file_for
 
     names, without = [], []
     for name in models.names():
         if "/" in name or name == PROPOSED:
+            continue
+        if untuned(name):
+            names.append(name)
             continue
         try:
             study_file_for(name)
@@ -252,6 +268,8 @@ def check(job: PaperJob) -> list[str]:
             raise HarnessError(f"--models: {e.args[0]}") from None
         if "/" in name:
             raise HarnessError(f"--models {name}: an ablation variant; the ablate stage runs the variants")
+        if untuned(name):
+            continue
         try:
             study_file_for(name)
         except HarnessError as e:
@@ -286,7 +304,10 @@ def _threads_env(threads: int):
 
 
 def first_params(model: str) -> dict[str, Any]:
-    """A model's study file's fixed values and first enqueued trial: what its bench times."""
+    """A model's study file's fixed values and first enqueued trial: its authors' settings (the
+    select stage's other candidate), and what its bench times."""
+    if untuned(model):
+        return {}
     sf = _study_file(model)
     return {**sf.fixed, **(sf.enqueue[0] if sf.enqueue else {})}
 
@@ -368,7 +389,7 @@ def _study_file(model: str):
 def default_first_rung(names: list[str], epochs: int) -> int:
     """The largest first rung (Hyperband's min_resource) of the models' study files, capped at
     the epoch cap: a slow starter's rung is every model's, so none is pruned before its own."""
-    rungs = [int(_study_file(m).pruner[1].get("min_resource", 1)) for m in names]
+    rungs = [int(_study_file(m).pruner[1].get("min_resource", 1)) for m in tuned(names)]
     return min(max(rungs, default=1), epochs)
 
 
@@ -376,6 +397,8 @@ def _patience(job: PaperJob, model: str) -> int:
     import models
 
     if "patience" in job.given:
+        return job.base.train.patience
+    if untuned(model):
         return job.base.train.patience
     own = _study_file(models.get(model).study_model).trainer
     return int(own.get("patience", job.base.train.patience))
@@ -386,6 +409,8 @@ def build_plan(job: PaperJob, names: list[str], budget: Budget, costs: dict[str,
     from harness.studies import SearchParam
 
     def cost(model: str) -> Cost:
+        if untuned(model):
+            return Cost(0.0, ROUGH_EVAL_SECONDS, "nothing to train")
         return costs.get(model) or costs[PROPOSED]
 
     def final_epochs(model: str) -> int:  # to early stop: about the tuning cap's best epoch + patience
@@ -400,7 +425,7 @@ def build_plan(job: PaperJob, names: list[str], budget: Budget, costs: dict[str,
     plans: list[StagePlan] = []
     if "tune" in job.stages:
         items = [Item(m, job.study(m), budget.trials, budget.epochs, budget.epochs * cost(m).epoch, tuning=True, model=m)
-                 for m in names]
+                 for m in tuned(names)]
         overhead = 0.0
         if PROPOSED in names:
             d_l = next((p for p in _study_file(PROPOSED).space if p.name == "d_l"), None)
@@ -410,6 +435,11 @@ def build_plan(job: PaperJob, names: list[str], budget: Budget, costs: dict[str,
         plans.append(StagePlan("tune", items, overhead, f"{_n(budget.trials, 'trial')} per model, at most "
                                                         f"{budget.epochs} epochs each, {budget.pruner} from epoch "
                                                         f"{budget.first_rung}"))
+    if "select" in job.stages:
+        plans.append(StagePlan("select", [grid_item("select", job.study("select"), tuned(names), 2)],
+                               note="per model, its authors' settings and its best tuned trial, each trained to early "
+                                    f"stop on the tuning seed {job.base.train.seed}; the better by validation NDCG@10 "
+                                    "is what the experiments use (one run where the two are the same)"))
     if "compare" in job.stages:
         plans.append(StagePlan("compare", [grid_item("compare", job.study("compare"), names, job.seeds)],
                                note=f"{_n(len(names), 'model')} x {_n(job.seeds, 'seed')}, to early stop"))

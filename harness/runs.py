@@ -130,7 +130,7 @@ def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
         model_spec = models.get(spec.model)
     except KeyError as e:
         raise HarnessError(str(e.args[0])) from None
-    typed = config_mod.coerce(model_spec.config_cls, spec.params)
+    typed = config_mod.coerce(model_spec.config_cls, spec.params, model=spec.model)
     if typed.get("max_len", spec.train.max_len) != spec.train.max_len:
         raise HarnessError("--param max_len: the history length is a trainer setting; use --max-len")
     if any(f.name == "max_len" for f in dataclasses.fields(model_spec.config_cls)):
@@ -139,6 +139,8 @@ def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
         model_cfg = model_spec.make_config(**typed)
     except ValueError as e:
         raise HarnessError(f"--param: {e}") from None
+    # before anything is pre-trained (IGR-SR's LID is d_l wide with the same heads)
+    config_mod.check_multiples(spec.model, model_spec.config_cls, dataclasses.asdict(model_cfg))
     deps, info = {}, None
     if "lid" in model_spec.needs(model_cfg):
         deps["lid"], info = pretrained_lid_for(spec, data, model_cfg, progress)
@@ -175,13 +177,13 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
 
     def pretrain(encoder, checkpoint: Path) -> dict:
         if progress:
-            from rich.console import Console
+            from harness.console import console
 
-            Console(stderr=True).print(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) "
+            console(stderr=True).print(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) "
                                        f"on {spec.dataset}; cached for later runs")
         result = fit(encoder, lid_data, lid_train, progress=progress, checkpoint=checkpoint)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
-                "epochs_run": result.epochs_run}
+                "epochs_run": result.epochs_run, "seconds": _seconds(result.curves)}
 
     encoder, info, cached = pretrained_lid(spec.pretrained_root, lid_data.data.content_hash, enc_cfg, data.n_items,
                                            recipe, pretrain, seed=spec.train.seed)
@@ -210,17 +212,24 @@ def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, pro
 
     def pretrain(model, checkpoint: Path) -> dict:
         if progress:
-            from rich.console import Console
+            from harness.console import console
 
-            Console(stderr=True).print(f"pre-training LARES stage 1 (lares-ssl) on {spec.dataset}; "
+            console(stderr=True).print(f"pre-training LARES stage 1 (lares-ssl) on {spec.dataset}; "
                                        "cached for later runs")
         result = fit(model, stage1_data, stage1_train, progress=progress, checkpoint=checkpoint)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
-                "epochs_run": result.epochs_run, "stopped": result.stopped, "curves": result.curves}
+                "epochs_run": result.epochs_run, "stopped": result.stopped, "curves": result.curves,
+                "seconds": _seconds(result.curves)}
 
     model, info, cached = pretrained_lares_stage1(spec.pretrained_root, stage1_data.data.content_hash, cfg1,
                                                   train_identity(stage1_train), build, pretrain)
     return model, {**info, "cached": cached}
+
+
+def _seconds(curves: list[dict]) -> float:
+    """Training and validation seconds of a fit's epochs (what its compute costs, resumed
+    segments included: each epoch's own times are kept in the curves)."""
+    return round(sum(c.get("train_seconds", 0.0) + c.get("eval_seconds", 0.0) for c in curves), 1)
 
 
 def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True,
@@ -235,10 +244,10 @@ def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = T
     resolve_precision(spec.train.precision, resolve_device(spec.train.device))  # bad --device/--precision: fail first
     data = load_data(spec)
     if progress:
-        from rich.console import Console
+        from harness.console import console
 
         for warning in data.data.warnings:
-            Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
+            console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
     import models
 
     model, model_cfg, pretrained_info = build_model(spec, data, progress)

@@ -289,9 +289,9 @@ def _check_against_model(sf: StudyFile, extra_fixed: dict[str, str]) -> StudyFil
         spec = models.get(sf.model)
     except KeyError as e:
         raise HarnessError(f"{sf.path}: model: {e.args[0]}") from None
-    types = {**typing.get_type_hints(spec.config_cls), **{k: typing.get_type_hints(TrainConfig)[k]
-                                                          for k in TRAINER_KEYS}}
     model_fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    hints = typing.get_type_hints(spec.config_cls)  # its fields' (not the RANGES class attribute's)
+    types = {**{k: hints[k] for k in model_fields}, **{k: typing.get_type_hints(TrainConfig)[k] for k in TRAINER_KEYS}}
 
     def check_key(key: str, where: str) -> type:
         if key in spec.fixed:
@@ -306,14 +306,18 @@ def _check_against_model(sf: StudyFile, extra_fixed: dict[str, str]) -> StudyFil
     fixed = {}
     for key, value in sf.fixed.items():
         fixed[key] = _check_value(value, check_key(key, f"{sf.path}: fixed.{key}"), f"{sf.path}: fixed.{key}")
+        config_mod.check_range(sf.model, spec.config_cls, key, fixed[key], where=f"{sf.path}: fixed.{key} = {value!r}")
     searched = {p.name for p in sf.space}
-    for key, value in config_mod.coerce(spec.config_cls, extra_fixed, where="--param").items():
+    for key, value in config_mod.coerce(spec.config_cls, extra_fixed, where="--param", model=sf.model).items():
         if key in searched:
             raise HarnessError(f"--param {key}: {sf.path} searches {key}; edit the study file or drop the flag")
         check_key(key, f"--param {key}")
         fixed[key] = value
     context = {**{k: f.default for k, f in model_fields.items() if f.default is not dataclasses.MISSING},
                **spec.fixed, **fixed}
+    # hidden a multiple of heads...: where neither is searched, every trial has these values
+    config_mod.check_multiples(sf.model, spec.config_cls, {k: v for k, v in context.items() if k not in searched},
+                               where=f"{sf.path}: ")
     seen: dict[str, SearchParam] = {}
     for p in sf.space:
         where = f"{sf.path}: space.{p.name}"
@@ -325,6 +329,9 @@ def _check_against_model(sf: StudyFile, extra_fixed: dict[str, str]) -> StudyFil
             raise HarnessError(f'{where}: {sf.model}\'s {p.name} takes {_kind_name(kind)}; use type = "{expected}"')
         for choice in p.choices:
             _check_value(choice, kind, f"{where}.choices")
+            config_mod.check_range(sf.model, spec.config_cls, p.name, choice, where=f"{where}.choices: {choice!r}")
+        if p.type != "categorical":
+            config_mod.check_range(sf.model, spec.config_cls, p.name, p.low, p.high, where=where)
         for key, value in p.when.items():
             if key in seen:
                 if not seen[key].contains(value):
@@ -539,6 +546,12 @@ def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
             # bad input says what to fix; anything else names its type too
             trial.set_user_attr("fail_reason", first_line(e) if isinstance(e, HarnessError)
                                 else f"{type(e).__name__}: {first_line(e)}")
+            # the trial's own outcome (it diverged, ran out of memory) spends its share of the
+            # budget; the setup's (a full disk, bad input) does not: the same trial would work
+            from harness.train import TrainingDiverged
+
+            own = isinstance(e, TrainingDiverged) or not isinstance(e, HarnessError)
+            trial.set_user_attr("counts_toward_budget", own)
             raise
 
     return objective
@@ -581,6 +594,32 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
         raise
     store_record(trial, record, store, weights=job.base.keep_weights)
     return record.result["valid"]["ndcg@10"]
+
+
+def budget_trials(study: optuna.Study, n: int | None = None) -> list[FrozenTrial]:
+    """The trials that spend a study's budget, by number, the first `n` of them (all: None):
+    COMPLETE and PRUNED ones, and FAILED ones that failed by themselves and were not run again.
+    A trial that diverged or ran out of memory used its share of the budget and is reported as
+    such; one whose worker died was retried under a new number (the retry is what counts); one
+    that failed for the setup's sake (a full disk, bad input) spent nothing. The one
+    rule for "a study's first N trials": the tune target, the equal-budget selection of
+    `harness paper` and `--params best`."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried and t.user_attrs.get("counts_toward_budget"))]
+    counted.sort(key=lambda t: t.number)
+    return counted if n is None else counted[:n]
+
+
+def best_of(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The best COMPLETE trial of `trials` (None when none completed)."""
+    from optuna.trial import TrialState
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: t.value) if complete else None
 
 
 def suspend(trial: optuna.Trial, reason: str) -> None:

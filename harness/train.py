@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from harness import stopping
+from harness import faults, stopping
 from harness.data.split import LeaveOneOut
 from harness.errors import HarnessError
 from harness.metrics import metrics_from_ranks, target_ranks
@@ -240,9 +240,9 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
                                                       state["best_state"], state["curves"])
         start = len(curves) + 1
         if progress:
-            from rich.console import Console
+            from harness.console import console
 
-            Console(stderr=True).print(f"resuming from {checkpoint} after epoch {len(curves)}")
+            console(stderr=True).print(f"resuming from {checkpoint} after epoch {len(curves)}")
     display = _Display(progress)
     with display:
         for epoch in range(start, epochs + 1):
@@ -290,6 +290,7 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
             display.end_epoch(row, improved)
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, model, optimizer, rng, best_value, best_epoch, best_state, curves)
+                faults.point("checkpoint")
             if on_epoch is not None:
                 on_epoch(epoch, row)
             if epoch - best_epoch >= cfg.patience:
@@ -333,10 +334,10 @@ class _Display:
 
     def __enter__(self):
         if self.enabled:
-            from rich.console import Console
+            from harness.console import console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.console = Console(stderr=True)
+            self.console = console(stderr=True)
             self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
                                      MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                                      TimeElapsedColumn(), console=self.console, transient=True)

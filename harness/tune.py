@@ -30,10 +30,10 @@ from harness import faults, stopping
 from harness.errors import HarnessError, first_line
 from harness.stopping import RunStopped
 from harness.store import (DEFAULT_STORAGE, artifact_store, check_writable, heartbeat, one_line_thread_errors, open_storage,
-                           pending_retries, quiet_experimental, recover, safe_url, unlabelled_grace,
-                           unlabelled_running)
+                           pending_retries, quiet_experimental, recover, require_existing, safe_url,
+                           unlabelled_grace, unlabelled_running)
 from harness.runs import TRAINER_KEYS, train_identity
-from harness.studies import SearchParam, TuneJob, make_objective, make_pruner, make_sampler
+from harness.studies import SearchParam, TuneJob, budget_trials, make_objective, make_pruner, make_sampler
 
 MAX_FAILURES_IN_A_ROW = 5  # a worker stops when this many trials in a row fail (a broken setup)
 MAX_STORAGE_ERRORS_IN_A_ROW = 8  # a worker stops when its storage keeps failing (a database down for good)
@@ -71,9 +71,20 @@ def open_study(job: TuneJob, storage) -> tuple[optuna.Study, str]:
         while f"{base}-{n}" in names:
             n += 1
         name, kept = f"{base}-{n}", f" (study {name!r} is kept as it was)"
-    study = optuna.create_study(study_name=name, storage=storage, direction=job.study_file.direction,
-                                load_if_exists=True)
+    # an existing study is loaded, not created again (on a journal, create_study(load_if_exists)
+    # appends a "create study" record even when it loads), and its definition is compared before
+    # anything is written: a refused resume leaves the storage as it was
+    if name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+    else:  # load_if_exists: another worker may create it first
+        study = optuna.create_study(study_name=name, storage=storage, direction=job.study_file.direction,
+                                    load_if_exists=True)
     stored = study.user_attrs.get("definition")
+    if stored is not None and stored != definition:
+        raise HarnessError(f"study {name!r} in {where} was created with a different definition "
+                           f"({_first_difference(stored, definition, job.study_file.path)}); "
+                           "rerun with --new-study to start a fresh study beside it (the old one is kept), "
+                           "or pick another --study-name")
     if not study.metric_names:
         with quiet_experimental():  # the dashboard labels its axes "valid_ndcg@10", not "Objective 0"
             study.set_metric_names([job.study_file.metric])
@@ -83,11 +94,6 @@ def open_study(job: TuneJob, storage) -> tuple[optuna.Study, str]:
         for params in job.study_file.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
         return study, f"created study {name!r} in {where}{kept}"
-    if stored != definition:
-        raise HarnessError(f"study {name!r} in {where} was created with a different definition "
-                           f"({_first_difference(stored, definition, job.study_file.path)}); "
-                           "rerun with --new-study to start a fresh study beside it (the old one is kept), "
-                           "or pick another --study-name")
     counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     return study, f"resuming study {name!r} in {where}: " + (
         ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet")
@@ -132,12 +138,16 @@ def trial_line(trial: FrozenTrial) -> str:
         params += f" (retry of trial {attrs['retry_of']})"
     if trial.state == TrialState.COMPLETE:
         return (f"trial {trial.number} complete: valid ndcg@10 {trial.value:.4f}, test ndcg@10 "
-                f"{attrs.get('test', {}).get('ndcg@10', float('nan')):.4f} ({attrs.get('epochs')} epochs, "
+                f"{attrs.get('test', {}).get('ndcg@10', float('nan')):.4f} ({_epochs(attrs.get('epochs'))}, "
                 f"best {attrs.get('best_epoch')}); {params}")
     if trial.state == TrialState.PRUNED:
         return f"trial {trial.number} {attrs.get('prune_reason', 'pruned')}; {params}"
     state = "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
     return f"trial {trial.number} {state}: {fail_reason(trial)}"
+
+
+def _epochs(n: Any) -> str:
+    return plural(n, "epoch") if isinstance(n, int) else f"{n} epochs"
 
 
 def fail_reason(trial: FrozenTrial) -> str:
@@ -258,12 +268,13 @@ def stopped_line(study: optuna.Study, job: TuneJob, why: str) -> str:
     per_trial = next_trial_seconds(study, job) if left else 0
     held = "".join(f"; trial {t.number} waits at epoch {t.user_attrs.get('epochs', 0)}" for t in suspended)
     eta = "unknown" if per_trial is None else format_duration(left * per_trial / max(job.workers, 1))
-    return (f"study {study.study_name!r} stopped ({first_line(why)}): {done} / {job.target} trials finished, "
+    return (f"study {study.study_name!r} stopped ({first_line(why)}): {done} / {plural(job.target, 'trial')} finished, "
             f"{left} left{held}; ETA {eta}")
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials toward the target: complete, pruned, and failed ones not run again (budget_trials)."""
+    return len(budget_trials(study))
 
 
 def threads_per_worker(workers: int) -> int:
@@ -393,7 +404,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         echo(f"trial {number}: its worker died; failed and enqueued again")
     done = finished_count(study)
     if done >= job.target and not pending_retries(study):
-        echo(f"the study already has {done} finished trials (target {job.target}): nothing to run; "
+        echo(f"the study already has {plural(done, 'finished trial')} (target {job.target}): nothing to run; "
              "raise --trials to continue it")
     problems: list[str] = []
     try:
@@ -578,19 +589,28 @@ def format_summary(s: TuneSummary):
 
 def list_studies(url: str | None) -> list[dict]:
     journal = url or DEFAULT_STORAGE
-    if "://" not in journal and not Path(journal).exists():
+    if url is None and not Path(journal).exists():
         return []  # nothing stored yet: do not create the file just to say so
+    require_existing(url)  # a mistyped --storage: one line, nothing created
     storage = open_storage(url)
     rows = []
     for name in sorted(optuna.study.get_all_study_names(storage)):
         study = optuna.load_study(study_name=name, storage=storage)
         trials = study.get_trials(deepcopy=False)
+        counts = Counter(t.state.name.lower() for t in trials)
+        experiment = study.user_attrs.get("experiment")
+        if isinstance(experiment, dict):  # a grid of cells (models x seeds...): no best across them
+            cells = [json.loads(k) for k in experiment.get("cells", [])]
+            datasets = sorted({c.get("dataset", "?") for c in cells}) or ["?"]
+            rows.append({"study": name, "kind": experiment.get("kind", "?"), "dataset": ", ".join(datasets),
+                         "cells": len(set(experiment.get("cells", []))), **counts, "best": None, "best_trial": None})
+            continue
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = max(complete, key=lambda t: t.value) if complete else None
         definition = study.user_attrs.get("definition", {})
         rows.append({"study": name, "model": definition.get("model", "?"), "dataset": definition.get("dataset", "?"),
-                     **Counter(t.state.name.lower() for t in trials),
-                     "best": None if best is None else best.value, "best_trial": None if best is None else best.number})
+                     **counts, "best": None if best is None else best.value,
+                     "best_trial": None if best is None else best.number})
     return rows
 
 
@@ -608,16 +628,28 @@ def format_studies(rows: list[dict], url: str | None):
         counts = [f"{r.get(k, 0)} {word}" for k, word in (("complete", "complete"), ("pruned", "pruned"),
                                                              ("fail", "failed"))]
         counts += [f"{r[k]} {k}" for k in ("running", "waiting") if r.get(k)]
-        best = "--" if r["best"] is None else f"{r['best']:.4f} (trial {r['best_trial']})"
-        table.add_row(f"{r['study']}\n[dim]{r['model']} on {r['dataset']}[/dim]", ", ".join(counts), best)
+        if "kind" in r:  # an experiment's grid: each cell is its own run, none is "the best"
+            what = f"{r['kind']} on {r['dataset']}, {plural(r['cells'], 'cell')}"
+            best = "-- (experiment grid)"
+        else:
+            what = f"{r['model']} on {r['dataset']}"
+            best = "--" if r["best"] is None else f"{r['best']:.4f} (trial {r['best_trial']})"
+        table.add_row(f"{r['study']}\n[dim]{what}[/dim]", ", ".join(counts), best)
     return table
+
+
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def serve_dashboard(url: str | None, host: str, port: int, results_dir: Path,
                     echo: Callable[[str], None] = print) -> None:
-    """optuna-dashboard on the same storage and artifact store `harness tune` writes to."""
+    """optuna-dashboard on the same storage and artifact store `harness tune` writes to. A
+    journal path that does not exist is refused (a typo would otherwise serve an empty one)."""
     from optuna_dashboard import run_server
 
+    require_existing(url)
     storage = open_storage(url)
     store = artifact_store(results_dir)
     echo(f"optuna-dashboard: http://{host}:{port}/dashboard/  (storage {safe_url(url)}, "

@@ -153,8 +153,11 @@ def test_an_experiment_cell_runs_it_and_the_tuning_pipeline_leaves_it_out(tmp_pa
     assert spec.display == "MostPop" and spec.description
     with pytest.raises(HarnessError):  # nothing to search: no study file ...
         study_file_for("mostpop")
-    tuned, left_out = default_models()  # ... so `harness paper` never tunes it
-    assert "mostpop" not in tuned and "mostpop" in left_out
+    from harness.paper_plan import tuned, untuned
+
+    names, left_out = default_models()  # ... so `harness paper` shows it in Table 2 but never tunes it
+    assert "mostpop" in names and "mostpop" not in left_out
+    assert untuned("mostpop") and "mostpop" not in tuned(names)
     r = CliRunner().invoke(cli, ["--results-dir", str(tmp_path / "res"), "compare", "--dataset", "synthetic",
                                  "--models", "mostpop", "--seeds", "1", "--device", "cpu", "--params", "paper",
                                  "--storage", str(tmp_path / "s.journal")])

@@ -241,6 +241,7 @@ def dashboard(tmp_path_factory):
     """`harness dashboard` on a journal of its own, in a subprocess on a free port."""
     root = tmp_path_factory.mktemp("dashboard")
     port, log = free_port(), root / "dashboard.log"
+    open_storage(str(root / "optuna.journal"))  # an empty journal: the dashboard refuses a path that is not one
     process = subprocess.Popen(harness("--results-dir", str(root / "results"), "dashboard", "--storage",
                                        str(root / "optuna.journal"), "--port", str(port)),
                                env={**os.environ, **ENV}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -307,12 +308,65 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 def test_bad_storage_and_flag_clash_are_one_line(tmp_path):
     one_line_error(invoke("studies", "--storage", "redis://localhost:6379/0"), "--storage redis://", "unsupported")
     one_line_error(invoke("dashboard", "--storage", "ftp://x"), "--storage ftp://x")
-    r = invoke("studies", "--storage", str(tmp_path / "none.journal"))
-    assert r.exit_code == 0 and "no studies in" in r.output and not (tmp_path / "none.journal").exists()
+    # a mistyped journal path: one line, and nothing created (no journal, no lock)
+    for command in ("studies", "report", "dashboard"):
+        one_line_error(invoke("--results-dir", str(tmp_path / "res"), command, "--storage", str(tmp_path / "none.journal")),
+                       f"--storage {tmp_path / 'none.journal'}: no such file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
     study = tmp_path / "small.toml"
     study.write_text(SMALL)
     one_line_error(invoke(*tune_args(tmp_path, study, "--lr", "0.01")), "--lr:", "sets lr for every trial")
     one_line_error(invoke(*tune_args(tmp_path, study, "--model", "igr-sr")), "--model igr-sr", "tunes sasrec")
+
+
+def test_studies_lists_experiment_grids_by_kind_and_dataset(tmp_path):
+    """An experiment study is a grid of cells (several models, seeds...): `harness studies` names
+    its kind and dataset, and shows no "best" across its cells; a tuning study keeps its best."""
+    storage = open_storage(str(tmp_path / "optuna.journal"))
+    grid = optuna.create_study(study_name="compare-synthetic", storage=storage, direction="maximize")
+    cells = [json.dumps({"model": m, "dataset": "synthetic", "seed": 2020}) for m in ("sasrec", "igr-sr")]
+    grid.set_user_attr("experiment", {"kind": "compare", "cells": cells})
+    for value in (0.5, 0.9):
+        grid.add_trial(optuna.trial.create_trial(value=value))
+    tuned = optuna.create_study(study_name="sasrec-synthetic", storage=storage, direction="maximize")
+    tuned.set_user_attr("definition", {"model": "sasrec", "dataset": "synthetic"})
+    tuned.add_trial(optuna.trial.create_trial(value=0.25))
+    rows = {r["study"]: r for r in list_studies(str(tmp_path / "optuna.journal"))}
+    assert rows["compare-synthetic"] == {"study": "compare-synthetic", "kind": "compare", "dataset": "synthetic",
+                                         "cells": 2, "complete": 2, "best": None, "best_trial": None}
+    r = invoke("studies", "--storage", str(tmp_path / "optuna.journal"))
+    assert r.exit_code == 0, r.output
+    assert "compare on synthetic, 2 cells" in r.output and "? on ?" not in r.output and "0.9000" not in r.output
+    assert "sasrec on synthetic" in r.output and "0.2500 (trial 0)" in r.output
+
+
+def test_results_dir_after_tune_reaches_the_job_and_its_workers(tmp_path, monkeypatch):
+    """--results-dir is taken after the subcommand too (as --data-dir), and a worker process gets
+    it back on its command line."""
+    import harness.tune
+
+    seen = {}
+
+    def fake_tune(job, worker_argv, worker_index, echo):
+        seen.update(results_dir=job.results_dir, argv=worker_argv("sasrec-synthetic", 1))
+
+    monkeypatch.setattr(harness.tune, "tune", fake_tune)
+    study = tmp_path / "small.toml"
+    study.write_text(SMALL)
+    r = invoke("tune", "--dataset", "synthetic", "--study", str(study), "--storage", str(tmp_path / "j.journal"),
+               "--device", "cpu", "--workers", "2", "--results-dir", str(tmp_path / "res"))
+    assert r.exit_code == 0, r.output
+    assert seen["results_dir"] == tmp_path / "res"
+    argv = seen["argv"]
+    assert argv[argv.index("tune"):].count("--results-dir") == 1 and str(tmp_path / "res") in argv
+
+
+def test_lines_say_1_epoch_and_1_trial():
+    trial = optuna.trial.create_trial(value=0.5, params={}, distributions={},
+                                      user_attrs={"epochs": 1, "best_epoch": 1, "test": {"ndcg@10": 0.4}})
+    assert "(1 epoch, best 1)" in trial_line(trial)
+    trial.user_attrs["epochs"] = 3
+    assert "(3 epochs, best 1)" in trial_line(trial)
 
 
 def test_unreachable_postgres_is_one_line(tmp_path):
@@ -330,13 +384,14 @@ def test_unreachable_postgres_is_one_line(tmp_path):
 
 def test_failing_trials_keep_their_reason_and_stop_the_worker(tmp_path):
     study = tmp_path / "broken.toml"
-    study.write_text(SMALL.replace("inner = 32", "inner = 32\nheads = 3"))  # 16 is not divisible by 3
-    r = invoke(*tune_args(tmp_path, study, "--epochs", "1", "--trials", "2"))
+    # 16 is not a multiple of 3 heads: a searched value, so each trial fails (a fixed one is refused up front)
+    study.write_text(SMALL + 'heads = { type = "categorical", choices = [3] }\n')
+    r = invoke(*tune_args(tmp_path, study, "--epochs", "1", "--trials", "6"))  # 5 failures in a row stop it first
     assert r.exit_code == 1, r.output
     trials = load(tmp_path).trials
     assert len(trials) == 5 and all(t.state == FAIL for t in trials)
     reason = trials[0].user_attrs["fail_reason"]
-    assert "divisible" in reason and f"trial 0 failed: {reason}" in r.output
+    assert "sasrec's hidden (16) must be a multiple of heads (3)" in reason and f"trial 0 failed: {reason}" in r.output
     assert "5 trials in a row failed" in r.output
 
 
