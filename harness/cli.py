@@ -538,7 +538,8 @@ def dashboard(ctx: click.Context, storage: str | None, host: str, port: int, cmd
 _SEEDS = click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
                       help="Seeds per cell: --seed, --seed + 1, ... (2020, 2021, ... by default).")
 _PARAMS = click.option("--params", "params_source", default="best", show_default=True,
-                       help="best (the dataset's tune study, else the paper's defaults), paper, or a TOML/JSON file.")
+                       help="best (the best of the first N trials of the dataset's tune study, N its --trials target, "
+                            "as harness paper selects; else the paper's defaults), paper, or a TOML/JSON file.")
 _STORAGE = click.option("--storage", envvar="HARNESS_STORAGE", default=None,
                         help="Study storage (default studies/optuna.journal).")
 

@@ -100,16 +100,28 @@ def trainer_defaults(model: str, train: dict[str, Any], given: frozenset[str] = 
     return {k: v for k, v in sf.trainer_defaults(given).items() if train.get(k) != v}
 
 
-def best_params(model: str, dataset: str, storage) -> dict[str, Any] | None:
-    """Params of the best COMPLETE trial of the `<model>-<dataset>` tuning study, if any, with
-    the study file's [fixed] values the trial was trained with (a trial's params hold only the
-    searched keys)."""
+def best_params(model: str, dataset: str, storage) -> tuple[dict[str, Any], str] | None:
+    """Params of the best COMPLETE trial among the first N trials of the `<model>-<dataset>`
+    tuning study (N: the trial target its last `harness tune` had; studies.budget_trials, the
+    rule `harness paper` uses, so that a study tuned on past its target gives no model more
+    trials than another), with the study file's [fixed] values the trial was trained with (a
+    trial's params hold only the searched keys); and where they came from."""
+    from harness.studies import best_of, budget_trials
+
     name = f"{model}-{Path(dataset).stem if '/' in dataset else dataset}"
     if name not in optuna.study.get_all_study_names(storage):
         return None
     study = optuna.load_study(study_name=name, storage=storage)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return {**_study_fixed(model), **max(done, key=lambda t: t.value).params} if done else None
+    target = study.user_attrs.get("target")
+    first = budget_trials(study, target)
+    best = best_of(first)
+    if best is None:
+        return None
+    failed = sum(t.state == TrialState.FAIL for t in first)
+    origin = (f"best of the first {len(first)} trials of study {name}"
+              + (f" (its target {target})" if target is not None and target != len(first) else "")
+              + (f", {failed} of them failed" if failed else ""))
+    return {**_study_fixed(model), **best.params}, origin
 
 
 def params_for(model: str, dataset: str, source: str, storage) -> tuple[dict[str, Any], str]:
@@ -120,7 +132,7 @@ def params_for(model: str, dataset: str, source: str, storage) -> tuple[dict[str
     base_model = models.get(model).study_model  # a variant: its base model's study
     if source == "best":
         found = best_params(base_model, dataset, storage)
-        params, origin = (found, f"best trial of study {base_model}-{dataset}") if found is not None else (
+        params, origin = found if found is not None else (
             default_params(base_model), f"paper defaults (no tuning study {base_model}-{dataset} yet)")
     elif source == "paper":
         params, origin = default_params(base_model), "paper defaults"

@@ -399,6 +399,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
         return None
     storage = open_storage(job.storage_url, job.heartbeat, echo=echo)
     study, note = open_study(job, storage)
+    study.set_user_attr("target", job.target)  # `--params best` takes the best of this many (budget_trials)
     echo(note)
     for number in recover(study):
         echo(f"trial {number}: its worker died; failed and enqueued again")

@@ -311,4 +311,16 @@ def test_paper_and_best_params_carry_the_study_files_fixed_values(tmp_path):
     for lr, value in ((1e-3, 0.1), (3e-3, 0.2)):
         study.add_trial(optuna.trial.create_trial(params={"lr": lr}, value=value,
                                                   distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)}))
-    assert best_params("sasrec", "tiny", storage) == {**fixed, "lr": 3e-3}
+    params, origin = best_params("sasrec", "tiny", storage)
+    assert params == {**fixed, "lr": 3e-3} and origin == "best of the first 2 trials of study sasrec-tiny"
+    # the first-N rule of `harness paper`: a study tuned past its target gives no more trials, and a
+    # trial that failed by itself (it diverged) counts toward N, while a setup failure does not
+    study.set_user_attr("target", 3)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={
+        "counts_toward_budget": True, "fail_reason": "training diverged"}))
+    study.add_trial(optuna.trial.create_trial(params={"lr": 5e-3}, value=0.9,
+                                              distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)}))
+    params, origin = best_params("sasrec", "tiny", storage)
+    assert params["lr"] == 3e-3 and origin == "best of the first 3 trials of study sasrec-tiny, 1 of them failed"
+    study.set_user_attr("target", 4)
+    assert best_params("sasrec", "tiny", storage)[0]["lr"] == 5e-3
