@@ -238,6 +238,7 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
     process died (pid on this host, heartbeat on a database) is failed and claimed again in
     the same invocation; one that a live process runs is waited for, so that the command
     returns only when the grid is whole."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": the grid line says it
     storage = open_storage(storage_url, heartbeat=HEARTBEAT, retry=False, echo=echo)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     train = train_identity(base.train, drop=("seed",))  # the seed is the cell's

@@ -457,7 +457,7 @@ def _tune_one(ctx: Context, plan: StagePlan, item: Item, study_file, model: str 
                            f"finished trials ({'; '.join(summary.problems) or 'stopped early'}); rerun to continue")
     item.done = min(summary.finished, item.runs)
     best = summary.best
-    ctx.echo(f"{study_file.model}: {summary.finished} trials finished ({summary.counts.get('complete', 0)} complete, "
+    ctx.echo(f"{study_file.model}: {_n(summary.finished, 'trial')} finished ({summary.counts.get('complete', 0)} complete, "
              f"{summary.counts.get('pruned', 0)} pruned)" + (f"; best trial {best['number']}, valid ndcg@10 "
                                                             f"{best['value']:.4f}" if best else ""))
 
@@ -845,10 +845,12 @@ def best_of_n_figure(curve, path: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for model, part in curve.groupby("model", sort=False):
         ax.plot(part["n"], part["best_valid_ndcg@10"], marker="o", markersize=3, label=model)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # n counts trials: no 1.5
     ax.set_xlabel("trials (in order; pruned and failed ones count)")
     ax.set_ylabel("best validation NDCG@10 so far")
     ax.grid(alpha=0.3)

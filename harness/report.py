@@ -52,8 +52,9 @@ def budget_note(train: dict) -> str:
     (bf16 moves the low digits; ranking is fp32 either way)."""
     if "epochs" not in train:
         return ""
-    text = (f"Each run trained at most {train['epochs']} epochs, model chosen by validation NDCG@10 "
-            f"(early stop after {train.get('patience', '?')} epochs without gain)")
+    patience = train.get("patience", "?")
+    text = (f"Each run trained at most {train['epochs']} epoch{'s' * (train['epochs'] != 1)}, model chosen by "
+            f"validation NDCG@10 (early stop after {patience} epoch{'s' * (patience != 1)} without gain)")
     if train.get("precision"):
         text += f", in {train['precision']} (scores ranked in fp32)"
     return text + "."
@@ -72,6 +73,13 @@ def params_note(notes: list[str]) -> str:
 def ablation_figure(frame: pd.DataFrame, path: Path, title: str = "Ablation of IGR-SR") -> list[Path]:
     """Grouped bars like the paper's Figure 2: rows = variants, columns = metrics (+ optional
     `<metric> std` columns for error bars). Writes .pdf and .png."""
+    return _save(ablation_plot(frame, title), path)
+
+
+def ablation_plot(frame: pd.DataFrame, title: str = "Ablation of IGR-SR"):
+    """The ablation figure, unsaved: one panel per metric, bars from 0 (an axis starting above 0
+    would stretch small gaps into large ones), each bar's value printed above it (and above its
+    error bar), so gaps are read from the numbers, not from bar heights."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,16 +88,24 @@ def ablation_figure(frame: pd.DataFrame, path: Path, title: str = "Ablation of I
     metrics = [c for c in frame.columns if not c.endswith(" std")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
     colors = plt.cm.tab10(np.arange(len(frame.index)))
+    x = np.arange(len(frame.index))
     for ax, metric in zip(axes[0], metrics):
-        err = frame[f"{metric} std"] if f"{metric} std" in frame else None
-        ax.bar(range(len(frame.index)), frame[metric], yerr=err, color=colors, capsize=3)
-        ax.set_xticks(range(len(frame.index)), [str(i) for i in frame.index], rotation=30, ha="right")
+        values = frame[metric].astype(float).to_numpy()
+        err = frame[f"{metric} std"].astype(float).fillna(0.0).to_numpy() if f"{metric} std" in frame else None
+        ax.bar(x, values, yerr=err, color=colors, capsize=3)
+        tops = values + (err if err is not None else 0.0)
+        for xi, value, top in zip(x, values, tops):
+            if not np.isnan(value):
+                ax.annotate(f"{value:.4f}", (xi, top), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7)
+        ax.set_xticks(x, [str(i) for i in frame.index], rotation=30, ha="right")
         ax.set_title(metric)
-        low, high = float(frame[metric].min()), float(frame[metric].max())
-        ax.set_ylim(max(0.0, low - 0.25 * (high - low + 1e-9) - 0.1 * low), high * 1.08)
+        high = float(np.nanmax(tops)) if np.isfinite(tops).any() else 0.0
+        ax.set_ylim(bottom=0.0, top=high * 1.15 if high > 0 else 1.0)  # room for the printed values
+        ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def sensitivity_figure(grid: pd.DataFrame, path: Path, metric: str = "Recall@10") -> list[Path]:
@@ -107,8 +123,12 @@ def sensitivity_figure(grid: pd.DataFrame, path: Path, metric: str = "Recall@10"
     ax.set_ylabel("k (prefix tokens)")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            if not pd.isna(grid.values[i, j]):
-                ax.text(j, i, f"{grid.values[i, j]:.4f}", ha="center", va="center", fontsize=7, color="w")
+            value = grid.values[i, j]
+            if pd.isna(value):
+                ax.text(j, i, "--", ha="center", va="center", fontsize=7, color="0.4")
+            else:  # dark text on the colormap's bright end (viridis' yellow), white on its dark end
+                ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=7,
+                        color="k" if im.norm(value) > 0.6 else "w")
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(f"{metric} over k and m")
     fig.tight_layout()

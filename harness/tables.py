@@ -8,7 +8,9 @@ rules, caption and label, escaping of the row and column labels, a repeated lead
   (`*` significant, `\\dagger` a run hit the epoch cap; Styler's wrapping commands would wrap
   the whole cell);
 - marks compared at the printed precision, so ties share a mark;
-- a `\\midrule` between row groups where Styler draws `\\cline` (booktabs has no `\\cline`).
+- the axes' names escaped (Styler escapes the labels only: a parameter `d_l` as a row label's name);
+- one `\\midrule` between row groups where Styler draws a `\\cline` per changed level (booktabs
+  has no `\\cline`), and no rules at all when the first level never repeats (a trial number).
 """
 from __future__ import annotations
 
@@ -42,19 +44,34 @@ def rank_marks(values: pd.Series, decimals: int = 4) -> dict:
 
 
 def latex_table(cells: pd.DataFrame, caption: str, label: str = "", column_format: str | None = None) -> str:
-    """Render a frame of finished cell strings (LaTeX already) as a booktabs table float."""
+    """Render a frame of finished cell strings (LaTeX already) as a booktabs table float.
+
+    Row and column labels and the axes' names are escaped (Styler escapes the labels only). Rows
+    are grouped by the first index level when a value of it repeats (a dataset over its metrics
+    or models): one `\\midrule` between groups, a `\\cmidrule` where a deeper level changes
+    within one; a first level that never repeats (a trial number) is no grouping and gets no rules."""
+    escape_names = lambda names: [latex_escape(str(n)) if n is not None else None for n in names]  # noqa: E731
+    cells = cells.rename_axis(index=escape_names(cells.index.names), columns=escape_names(cells.columns.names))
     styler = cells.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
     if cells.index.nlevels == 1 and not cells.index.name:
         styler = styler.hide(names=True, axis="index")
-    grouped = cells.index.nlevels > 1
+    grouped = cells.index.nlevels > 1 and bool(cells.index.get_level_values(0).duplicated().any())
     tex = styler.to_latex(hrules=True, caption=caption, label=label or None, position="t",
                           position_float="centering", environment="table", multirow_align="naive",
                           clines="skip-last;data" if grouped else None,
                           column_format=column_format or "l" * cells.index.nlevels + "c" * cells.shape[1])
-    if grouped:  # booktabs: a midrule between groups, none after the last
-        tex = re.sub(r"\\cline\{[0-9-]+\}\n\\bottomrule", r"\\bottomrule", tex)
-        tex = re.sub(r"\\cline\{[0-9-]+\}", r"\\midrule", tex)
+    if grouped:  # Styler writes one \cline per level that changes, on one line; booktabs has none
+        tex = re.sub(r"^(?:\\cline\{[0-9-]+\} ?)+\n", _group_rule, tex, flags=re.M)
+        tex = re.sub(r"\\c?midrule(?:\{[0-9-]+\})?\n\\bottomrule", r"\\bottomrule", tex)  # none after the last
     return tex
+
+
+def _group_rule(line: re.Match) -> str:
+    """A line of `\\cline{a-b}`: a `\\midrule` when the first level changes, else a `\\cmidrule`
+    from the outermost level that changes."""
+    spans = [tuple(map(int, m)) for m in re.findall(r"\\cline\{(\d+)-(\d+)\}", line.group(0))]
+    start = min(a for a, _ in spans)
+    return "\\midrule\n" if start == 1 else f"\\cmidrule{{{start}-{max(b for _, b in spans)}}}\n"
 
 
 @dataclass

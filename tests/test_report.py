@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.report import ablation_figure, paired_pvalue, per_user_metric, sensitivity_figure, significant_gain
+from harness.report import ablation_figure, ablation_plot, paired_pvalue, per_user_metric, sensitivity_figure, significant_gain
 
 
 def test_paired_pvalue_matches_the_textbook_formula():
@@ -50,6 +50,26 @@ def test_figures_are_written(tmp_path):
     grid = pd.DataFrame(np.random.default_rng(0).random((3, 2)) / 10, index=[2, 8, 32], columns=[1, 3])
     paths = sensitivity_figure(grid, tmp_path / "sens")
     assert [p.suffix for p in paths] == [".pdf", ".png"]
+
+
+def test_ablation_bars_start_at_zero_with_their_values_printed():
+    """Bars on an axis starting above 0 stretch a 1% gap into a doubled bar: every panel starts
+    at 0, has room above the tallest bar and its error bar, and prints each value."""
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame({"Recall@10": [0.080, 0.071, 0.074, 0.076], "Recall@10 std": [0.001, 0.004, 0.002, 0.003],
+                          "NDCG@10": [0.037, 0.033, 0.035, 0.036]},
+                         index=["IGR-SR", "w/o LID", "concat", "w/o ICR"])
+    fig = ablation_plot(frame)
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["Recall@10", "NDCG@10"]
+        for ax, top in zip(fig.axes, (0.076 + 0.003, 0.037)):  # the highest bar + its error bar
+            bottom, high = ax.get_ylim()
+            assert bottom == 0.0 and high > top
+            assert all(p.get_y() == 0.0 for p in ax.patches)  # bars drawn from 0
+        assert [t.get_text() for t in fig.axes[1].texts] == ["0.0370", "0.0330", "0.0350", "0.0360"]
+    finally:
+        plt.close(fig)
 
 
 def test_captions_state_the_budget_and_the_precision():

@@ -79,11 +79,23 @@ def test_captions_name_the_primary_metric_the_marks_and_what_the_intervals_cover
     assert "primary" not in protocol_caption(stars=False)  # the tuning tables keep their caption
 
 
+def top_trials() -> Table:
+    """A study's top trials: one row per trial, its parameters (underscored names) as row labels."""
+    idx = pd.MultiIndex.from_tuples([("3", "32", "0.1", "8"), ("5", "64", "0.2", "8"), ("1", "32", "0.1", "4")],
+                                    names=["trial", "d_l", "cross_dropout", "k"])
+    mean = pd.DataFrame({"valid NDCG@10": [0.10, 0.09, 0.08], "test NDCG@10": [0.10, 0.20, 0.30]}, index=idx)
+    return Table(mean=mean, caption=r"Top trials of study paper-igr-sr-toys\_2", label="tab:tune-x", highlight="column")
+
+
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (Debian texlive-latex-recommended)")
 def test_generated_latex_compiles(tmp_path):
+    """Unit-sized tables here; tests/test_latex.py compiles every .tex a `harness paper` run writes."""
+    idx = pd.MultiIndex.from_tuples([("Toys", "a", "1"), ("Toys", "a", "2"), ("Toys", "b", "1"), ("CDs", "a", "1")],
+                                    names=["Data_set", "Method", "k"])
+    three_levels = latex_table(pd.DataFrame({"x_1": ["1", "2", "3", "4"]}, index=idx), "cap", "tab:y")
     doc = tmp_path / "doc.tex"
     doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                   + table_2().to_latex() + "\\end{document}\n")
+                   + table_2().to_latex() + top_trials().to_latex() + three_levels + "\\end{document}\n")
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:]
@@ -98,3 +110,25 @@ def test_grouped_rows_get_a_midrule_between_groups_and_none_before_the_bottom_ru
     assert r"\cline" not in tex and lines.count(r"\midrule") == 2  # under the header, between datasets
     end = lines.index(r"\bottomrule")
     assert lines[end - 4:end] == [r"Toys & SASRec & 1 \\", r" & IGR\_SR & 2 \\", r"\midrule", r"CDs & SASRec & 3 \\"]
+
+
+def test_top_trials_escape_the_names_and_get_no_rule_between_trials():
+    """Parameter names are the row labels' names, which Styler does not escape; every trial is
+    its own row (no group), so no rule between rows: not one \\midrule per changed level."""
+    tex = top_trials().to_latex()
+    lines = tex.splitlines()
+    assert r"trial & d\_l & cross\_dropout & k &  &  \\" in lines
+    assert lines.count(r"\midrule") == 1 and "\\midrule \\midrule" not in tex and r"\cline" not in tex
+    end = lines.index(r"\bottomrule")
+    assert lines[end - 3:end] == [r"3 & 32 & 0.1 & 8 & \textbf{0.1000} & 0.1000 \\",
+                                  r"5 & 64 & 0.2 & 8 & \underline{0.0900} & \underline{0.2000} \\",
+                                  r"1 & 32 & 0.1 & 4 & 0.0800 & \textbf{0.3000} \\"]
+
+
+def test_a_deeper_level_changing_within_a_group_gets_a_cmidrule():
+    idx = pd.MultiIndex.from_tuples([("Toys", "a", "1"), ("Toys", "a", "2"), ("Toys", "b", "1"), ("CDs", "a", "1")],
+                                    names=["Dataset", "Method", "k"])
+    lines = latex_table(pd.DataFrame({"v": ["1", "2", "3", "4"]}, index=idx), "cap").splitlines()
+    end = lines.index(r"\bottomrule")
+    assert lines[end - 6:end] == [r"Toys & a & 1 & 1 \\", r" &  & 2 & 2 \\", r"\cmidrule{2-4}", r" & b & 1 & 3 \\",
+                                  r"\midrule", r"CDs & a & 1 & 4 \\"]

@@ -68,7 +68,8 @@ class ReportContext:
         sentences = []
         for own, labels in groups.items():
             names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
-            parts = [f"early stop after {v} epochs without gain" if k == "patience" else f"at most {v} epochs"
+            parts = [f"early stop after {v} epoch{'s' * (v != 1)} without gain" if k == "patience"
+                     else f"at most {v} epoch{'s' * (v != 1)}"
                      if k == "epochs" else f"{k} {v}" for k, v in own]
             whose = "its study file's trainer setting" if len(labels) == 1 else "their study files' trainer setting"
             sentences.append(f"{latex_escape(names)}: {', '.join(parts)} ({whose}).")
