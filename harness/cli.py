@@ -96,6 +96,10 @@ def _console():
     return console()
 
 
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="Print only the final summary and errors: no progress bars or lines.")
+
+
 @click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", envvar="HARNESS_DATA_DIR", default="data", show_default=True,
               type=click.Path(file_okay=False), help="Directory holding the datasets (env HARNESS_DATA_DIR).")
@@ -196,18 +200,20 @@ def run_spec(ctx: click.Context, model: str, dataset: str, params: tuple[str, ..
 @stop_after_option
 @trainer_options
 @results_dir_option
+@quiet_option
 @click.pass_context
-def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], **kw) -> None:
+def train(ctx: click.Context, model: str, dataset: str, params: tuple[str, ...], quiet: bool, **kw) -> None:
     """Train one model and print validation and test metrics.
 
     \b
     Example:
       harness train --model igr-sr --dataset toys --param d_l=32 --param k=8 --param m=3
     """
+    from harness.progress import choose
     from harness.runs import run, save_record
 
     spec = run_spec(ctx, model, dataset, params, kw)
-    record = run(spec, progress=True, resume=True)
+    record = run(spec, progress=choose(quiet), resume=True)  # bars on a terminal, else a line per epoch
     path = save_record(record, ctx.obj["results_dir"])
     _print_result(record)
     click.echo(f"run record: {path}")
@@ -462,10 +468,12 @@ def _given_options(ctx: click.Context, **overrides) -> list[str]:
 @stop_after_option
 @trainer_options
 @results_dir_option
+@quiet_option
 @click.pass_context
 def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | None, trials: int | None,
          timeout: float | None, storage: str | None, study_name: str | None, new_study: bool, workers: int,
-         pruner: str | None, min_epochs: int | None, heartbeat: int, params: tuple[str, ...], worker_index: int | None, **kw) -> None:
+         pruner: str | None, min_epochs: int | None, heartbeat: int, params: tuple[str, ...], worker_index: int | None,
+         quiet: bool, **kw) -> None:
     """Tune a model's hyperparameters: an Optuna study (TPE + pruning on validation NDCG@10)
     over the search space of a study file. --epochs is the per-trial epoch cap. Running it
     again resumes the study.
@@ -479,6 +487,7 @@ def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | 
     from click.core import ParameterSource
 
     from harness.config import parse_params
+    from harness.progress import choose
     from harness.studies import TuneJob, pick_study_file
     from harness.tune import format_summary
     from harness.tune import tune as run_tune
@@ -494,7 +503,9 @@ def tune(ctx: click.Context, dataset: str, study_path: str | None, model: str | 
         return [sys.executable, "-m", "harness", *_given_options(ctx.parent), ctx.info_name,
                 *_given_options(ctx, study_name=name, new_study=None, workers=None, worker_index=index)]
 
-    summary = run_tune(job, worker_argv, worker_index, echo=click.echo)
+    # bars on a terminal, else a line per event and epoch; a worker process: its events only
+    progress = choose(quiet, worker=worker_index is not None)
+    summary = run_tune(job, worker_argv, worker_index, echo=progress.echo(click.echo), progress=progress)
     if summary is not None:
         _console().print(format_summary(summary), soft_wrap=True)  # paths stay whole, copy-pastable
         if summary.problems and summary.finished < summary.target:
@@ -549,17 +560,20 @@ def _experiment_command(kind) -> click.Command:
     own = {p.name for p in _params_of(kind.options)}
 
     @click.pass_context
-    def command(ctx: click.Context, dataset: str, seeds: int, params_source: str, storage: str | None, **kw) -> None:
+    def command(ctx: click.Context, dataset: str, seeds: int, params_source: str, storage: str | None, quiet: bool,
+                **kw) -> None:
         from click.core import ParameterSource
 
         from harness.experiments import experiment
+        from harness.progress import choose
 
         options = {k: kw.pop(k) for k in list(kw) if k in own}
         base = run_spec(ctx, "sasrec", dataset.split(",")[0], (), kw)
         # a trainer flag the user gave wins over a model's study-file budget ([trainer] patience)
         given = frozenset(k for k in kw if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE)
         name, made = experiment(kind.name, [d for d in dataset.split(",") if d], seeds, params_source, base, storage,
-                                ctx.obj["results_dir"], echo=click.echo, given=given, **options)
+                                ctx.obj["results_dir"], echo=choose(quiet).echo(click.echo) if quiet else click.echo,
+                                given=given, **options)
         for _, tex, table in made:
             _console().print(table)
             click.echo(f"LaTeX: {tex}  (CSV and figures beside it)")
@@ -567,7 +581,7 @@ def _experiment_command(kind) -> click.Command:
 
     command = results_dir_option(trainer_options(command))
     for option in reversed([click.option("--dataset", required=True, help=kind.dataset_help), *kind.options,
-                            _SEEDS, _PARAMS, _STORAGE, stop_after_option]):
+                            _SEEDS, _PARAMS, _STORAGE, stop_after_option, quiet_option]):
         command = option(command)
     return click.command(kind.name, help=kind.help)(command)
 

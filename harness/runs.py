@@ -20,10 +20,12 @@ from harness import config as config_mod
 from harness.data import registry as datasets
 from harness.data.split import LeaveOneOut
 from harness.errors import HarnessError
+from harness.progress import Progress, resolve
 from harness.train import (EpochCallback, FitResult, TrainConfig, fit, resolve_device, resolve_precision,
                            seed_everything)
 
 NOISE_ON = ("all", "train", "eval")
+PRETRAIN_EVERY = 10  # a pre-training's plain progress: every 10th epoch and the last
 TRAINER_KEYS = ("lr", "weight_decay", "batch_size")  # TrainConfig fields a study or cell may set
 # Where and in what slices a run computes, not what it computes: kept out of a run's identity
 # (a study resumed on a GPU machine, or with a bigger evaluation batch, holds the same runs).
@@ -121,11 +123,12 @@ def load_data(spec: RunSpec) -> LeaveOneOut:
     return LeaveOneOut(train, max_len=spec.train.max_len, eval_data=evaluated)
 
 
-def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
+def build_model(spec: RunSpec, data: LeaveOneOut, progress: Progress | bool = True):
     """The model with everything it requires (a pre-trained LID or LARES stage 1), and that
-    requirement's info."""
+    requirement's info. A pre-training shows on `progress` as a task of its own."""
     import models
 
+    progress = resolve(progress)
     try:
         model_spec = models.get(spec.model)
     except KeyError as e:
@@ -158,7 +161,7 @@ def build_model(spec: RunSpec, data: LeaveOneOut, progress: bool = True):
     return model, model_cfg, info
 
 
-def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bool):
+def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: Progress):
     from harness.cache import lid_encoder_config, pretrained_lid
 
     enc_cfg = lid_encoder_config(model_cfg.d_l, model_cfg)
@@ -176,12 +179,10 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     lid_data = data.training_only()
 
     def pretrain(encoder, checkpoint: Path) -> dict:
-        if progress:
-            from harness.console import console
-
-            console(stderr=True).print(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) "
-                                       f"on {spec.dataset}; cached for later runs")
-        result = fit(encoder, lid_data, lid_train, progress=progress, checkpoint=checkpoint)
+        view = progress.view(f"pre-training the LID encoder d_l={model_cfg.d_l}", every=PRETRAIN_EVERY)
+        view.line(f"pre-training the LID encoder (SASRec, d_l={model_cfg.d_l}) on {spec.dataset}, up to "
+                  f"{lid_train.epochs} epochs (early-stopped); cached for later runs")
+        result = fit(encoder, lid_data, lid_train, progress=view, checkpoint=checkpoint)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run, "seconds": _seconds(result.curves)}
 
@@ -190,7 +191,7 @@ def pretrained_lid_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bo
     return encoder, {**info, "cached": cached, "d_l": model_cfg.d_l}
 
 
-def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: bool):
+def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, progress: Progress):
     """LARES's stage 1: `lares-ssl` at the run's stage-1 config, trained as `harness train
     --model lares-ssl` would train it with the trainer's defaults (lr, batch size, weight decay:
     never the stage-2 run's, so tuning stage 2 reuses one stage-1 model), the run's seed,
@@ -211,12 +212,10 @@ def pretrained_lares_stage1_for(spec: RunSpec, data: LeaveOneOut, model_cfg, pro
         return LARES(cfg1, data.n_items)
 
     def pretrain(model, checkpoint: Path) -> dict:
-        if progress:
-            from harness.console import console
-
-            console(stderr=True).print(f"pre-training LARES stage 1 (lares-ssl) on {spec.dataset}; "
-                                       "cached for later runs")
-        result = fit(model, stage1_data, stage1_train, progress=progress, checkpoint=checkpoint)
+        view = progress.view("pre-training LARES stage 1", every=PRETRAIN_EVERY)
+        view.line(f"pre-training LARES stage 1 (lares-ssl) on {spec.dataset}, up to {stage1_train.epochs} epochs "
+                  "(early-stopped); cached for later runs")
+        result = fit(model, stage1_data, stage1_train, progress=view, checkpoint=checkpoint)
         return {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run, "stopped": result.stopped, "curves": result.curves,
                 "seconds": _seconds(result.curves)}
@@ -232,22 +231,21 @@ def _seconds(curves: list[dict]) -> float:
     return round(sum(c.get("train_seconds", 0.0) + c.get("eval_seconds", 0.0) for c in curves), 1)
 
 
-def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: bool = True,
+def run(spec: RunSpec, on_epoch: EpochCallback | None = None, progress: Progress | bool = True,
         resume: bool = False, checkpoint: Path | None = None) -> RunRecord:
     """Train one model. With `resume`, per-epoch training state is kept in the cache under a
     key of everything that defines the run, so the same command after an interruption goes on
     where it stopped instead of starting over; `checkpoint` names that file instead (a tune
     trial's or an experiment cell's own, so two identical runs in flight never share one).
-    Either way the run may stop at an epoch boundary (harness.stopping.RunStopped)."""
+    Either way the run may stop at an epoch boundary (harness.stopping.RunStopped). `progress`
+    (harness.progress) shows its epochs and any pre-training; True picks one here, False none."""
+    progress = resolve(progress)
     started = dt.datetime.now(dt.timezone.utc)
     env = environment()  # now: the code that runs is the code checked out at the start
     resolve_precision(spec.train.precision, resolve_device(spec.train.device))  # bad --device/--precision: fail first
     data = load_data(spec)
-    if progress:
-        from harness.console import console
-
-        for warning in data.data.warnings:
-            console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
+    for warning in data.data.warnings:
+        progress.once(f"warning: {warning}")
     import models
 
     model, model_cfg, pretrained_info = build_model(spec, data, progress)

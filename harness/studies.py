@@ -520,12 +520,13 @@ def trial_spec(job: TuneJob, params: dict[str, Any]):
     return job.base.with_values({**job.study_file.fixed, **params}, model=job.study_file.model, dataset=job.dataset)
 
 
-def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
-    """suggest -> RunSpec -> run, pruning on validation NDCG@10; a failure's reason is kept."""
+def make_objective(job: TuneJob, store, progress=None) -> Callable[[optuna.Trial], float]:
+    """suggest -> RunSpec -> run, pruning on validation NDCG@10; a failure's reason is kept.
+    `progress` (harness.progress; None: silent) shows each trial's start, epochs and pre-training."""
 
     def objective(trial: optuna.Trial) -> float:
         try:
-            return run_trial(trial, job, store)
+            return run_trial(trial, job, store, progress)
         except optuna.TrialPruned:
             raise
         except RunStopped as e:
@@ -557,7 +558,8 @@ def make_objective(job: TuneJob, store) -> Callable[[optuna.Trial], float]:
     return objective
 
 
-def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
+def run_trial(trial: optuna.Trial, job: TuneJob, store, progress=None) -> float:
+    from harness.progress import resolve
     from harness.runs import run
 
     cap = job.base.train.epochs
@@ -572,7 +574,16 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
     retry_of = frozen(trial).system_attrs.get("failed_trial")
     if retry_of is not None:
         trial.set_user_attr("retry_of", retry_of)
-    spec = trial_spec(job, suggest(trial, job.study_file))
+    params = suggest(trial, job.study_file)
+    spec = trial_spec(job, params)
+    # "trial 3 (4/10)": its number, and where the study stands (finished + this one, of the target)
+    i = len(budget_trials(trial.study)) + 1
+    label = f"trial {trial.number} ({i}/{max(job.target, i)})"
+    view = resolve(progress).view(label, eta_scope="trial ")
+    note = (f" (retry of trial {retry_of})" if retry_of is not None else "") + (
+        f"; resumes after epoch {stored.get('epochs', 0)}" if stored.get("suspended") else "")
+    view.line(f"{label} started: " + (" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in params.items()) or "no parameters") + note)
 
     def on_epoch(epoch: int, row: dict) -> None:
         value = row[METRIC]
@@ -586,7 +597,7 @@ def run_trial(trial: optuna.Trial, job: TuneJob, store) -> float:
 
     checkpoint = job.trial_checkpoint(trial, spec)
     try:
-        record = run(spec, on_epoch=on_epoch, progress=False, checkpoint=checkpoint)
+        record = run(spec, on_epoch=on_epoch, progress=view, checkpoint=checkpoint)
     except RunStopped:
         raise  # the checkpoint stays: the resumed trial continues from it
     except BaseException:

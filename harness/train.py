@@ -22,6 +22,7 @@ from harness import faults, stopping
 from harness.data.split import LeaveOneOut
 from harness.errors import HarnessError
 from harness.metrics import metrics_from_ranks, target_ranks
+from harness.progress import resolve
 
 SELECT_METRIC = "ndcg@10"
 
@@ -204,15 +205,19 @@ def evaluate(model: torch.nn.Module, data: LeaveOneOut, split: str, device: torc
 
 
 def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
-        on_epoch: EpochCallback | None = None, progress: bool = True,
+        on_epoch: EpochCallback | None = None, progress=True,
         checkpoint: Path | None = None) -> FitResult:
     """Train `model` on `data` and return metrics of its best validation epoch.
+
+    `progress` (harness.progress: a Progress, or True/False for one chosen here or none) shows
+    the epochs (a bar with the batches on a terminal, a line per epoch elsewhere) under its label.
 
     With `checkpoint`, the full training state is saved there after every epoch and a run
     that finds one resumes from it (same weights, optimizer, RNG streams and curves, so the
     resumed run is the run that was interrupted); the file is removed when training ends.
     Only such a run stops when `harness.stopping` says a stop is due (a deadline, a signal):
     after the epoch in flight and its checkpoint, by raising RunStopped."""
+    reporter = resolve(progress)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -239,12 +244,9 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
         best_value, best_epoch, best_state, curves = (state["best_value"], state["best_epoch"],
                                                       state["best_state"], state["curves"])
         start = len(curves) + 1
-        if progress:
-            from harness.console import console
-
-            console(stderr=True).print(f"resuming from {checkpoint} after epoch {len(curves)}")
-    display = _Display(progress)
-    with display:
+        reporter.line(f"resuming from {checkpoint} after epoch {len(curves)}")
+    task = reporter.start(epochs, done=start - 1)
+    try:
         for epoch in range(start, epochs + 1):
             if epoch - best_epoch > cfg.patience:  # a resumed run that had already stopped
                 break
@@ -254,7 +256,7 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
                 model.on_epoch_start(epoch, data)
             batches = data.train_batches(layout, cfg.batch_size, rng)
             loss_sum, parts_sum, n_seen = 0.0, {}, 0
-            display.start_epoch(epoch, len(batches))
+            task.steps(len(batches))
             for step, batch in enumerate(batches):
                 batch = batch.to(device)
                 with autocast(device, precision):
@@ -273,7 +275,7 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
                 for key, v in out.items():
                     if key != "loss":
                         parts_sum[key] = parts_sum.get(key, 0.0) + float(v)
-                display.step(loss_sum / n_seen)
+                task.step(loss_sum / n_seen)
             train_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             val_ranks = evaluate(model, data, "valid", device, cfg.mask_history, cfg.eval_batch_size)
@@ -287,18 +289,23 @@ def fit(model: torch.nn.Module, data: LeaveOneOut, cfg: TrainConfig,
             if improved:
                 best_value, best_epoch = val[SELECT_METRIC], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            display.end_epoch(row, improved)
+            early = epoch - best_epoch >= cfg.patience
+            task.update(epoch, f"valid {SELECT_METRIC} {val[SELECT_METRIC]:.4f} (best {best_value:.4f})",
+                        detail=f"loss {row['loss']:.4f}, {train_s:.1f} s train + {row['eval_seconds']:.1f} s eval",
+                        last=early or epoch == epochs, note="early-stopped" if early else "")
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, model, optimizer, rng, best_value, best_epoch, best_state, curves)
                 faults.point("checkpoint")
             if on_epoch is not None:
                 on_epoch(epoch, row)
-            if epoch - best_epoch >= cfg.patience:
+            if early:
                 stopped = f"early stop (no gain in validation {SELECT_METRIC} for {cfg.patience} epochs)"
                 break
             why = stopping.stop_due() if checkpoint is not None and epoch < epochs else None
             if why:
                 raise stopping.RunStopped(f"stopped after epoch {epoch} ({why}); checkpoint {checkpoint}")
+    finally:
+        task.finish()
     if best_state is not None:
         model.load_state_dict(best_state)
     if curves and len(curves) - best_epoch >= cfg.patience:
@@ -322,46 +329,3 @@ def _save_checkpoint(path: Path, model, optimizer, rng, best_value, best_epoch, 
                 "best_value": best_value, "best_epoch": best_epoch, "best_state": best_state,
                 "curves": curves}, tmp)
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous epoch's checkpoint
-
-
-class _Display:
-    """A rich progress bar with the running loss, and one line per epoch."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress = None
-        self.task = None
-
-    def __enter__(self):
-        if self.enabled:
-            from harness.console import console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.console = console(stderr=True)
-            self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                                     TimeElapsedColumn(), console=self.console, transient=True)
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def start_epoch(self, epoch: int, n_batches: int) -> None:
-        if self.progress is not None:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task = self.progress.add_task("train", total=n_batches, epoch=epoch, loss=float("nan"))
-
-    def step(self, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=loss)
-
-    def end_epoch(self, row: dict, improved: bool) -> None:
-        if self.progress is not None:
-            mark = " [green]*[/green]" if improved else ""
-            self.progress.console.print(
-                f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  "
-                f"valid ndcg@10 {row['valid_ndcg@10']:.4f} recall@10 {row['valid_recall@10']:.4f}  "
-                f"({row['train_seconds']:.1f}s train, {row['eval_seconds']:.1f}s eval){mark}")

@@ -160,13 +160,16 @@ def _fmt(value: Any) -> str:
 
 
 def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
-               echo: Callable[[str], None] = print, retries_only: bool = False) -> str | None:
+               echo: Callable[[str], None] = print, retries_only: bool = False, progress=None) -> str | None:
     """Run trials in this process until the study has `job.target` finished trials and no
     retry of a dead worker's trial waits (or the timeout passes); returns why it stopped
     early when that is a problem. Before each trial it fails and re-enqueues the trials of
     dead siblings, so the last worker standing runs their retries instead of leaving them
     WAITING. With `retries_only` it runs just the waiting retries (the parent, after its
-    workers exit)."""
+    workers exit). `progress` (harness.progress; None: silent) shows the study's trials i/N,
+    each trial's epochs and pre-training."""
+    from harness.progress import resolve
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial_line reports each trial once
     storage = storage or open_storage(job.storage_url, job.heartbeat)
     cap = job.base.train.epochs
@@ -174,50 +177,60 @@ def run_worker(job: TuneJob, study_name: str, worker: int = 0, storage=None,
                               sampler=make_sampler(job.study_file, worker, cap, job.base.train.seed),
                               pruner=make_pruner(job.study_file, job.pruner, cap, job.min_epochs))
     prefix = f"[w{worker}] " if worker else ""
-    objective = make_objective(job, artifact_store(job.results_dir))
+    progress = resolve(progress).view(prefix=prefix)
+    objective = make_objective(job, artifact_store(job.results_dir), progress)
     printer = _TrialPrinter(echo, prefix)
+    trials = None  # the bar of the study's trials, open while this worker runs one
     deadline = None if job.timeout is None else time.monotonic() + job.timeout
     lost = 0  # storage calls failed in a row (a database restart, a network cut)
     waiting_said = False
-    while printer.gave_up is None:
-        try:
-            for number in recover(study):
-                echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
-            retries = pending_retries(study)
-            if not retries and (retries_only or finished_count(study) >= job.target):
-                if retries_only and (unlabelled := unlabelled_running(study)):
-                    # nobody may be left to notice these (see unlabelled_running): wait until
-                    # each is labelled by a live worker elsewhere or old enough to fail and retry
-                    if not waiting_said:
-                        echo(f"{prefix}waiting on trial(s) {', '.join(str(t.number) for t in unlabelled)}: running "
-                             f"with no worker recorded (a storage failure?); failed and retried after "
-                             f"{unlabelled_grace(storage):.0f} s without one")
-                        waiting_said = True
-                    time.sleep(1)
-                    continue
-                break
-            if deadline is not None and time.monotonic() >= deadline and not retries:
-                break  # --timeout starts no new trial, but a dead worker's retry is still owed
-            if not stopping.room_for(next_trial_seconds(study, job)):
-                due = stopping.stop_due()
-                raise (RunStopped(due) if due else
-                       stopping.NoRoom("the next trial would not finish before the --stop-after deadline"))
-            run_one_trial(study, objective, printer)
-            lost = 0
-        except RunStopped:
-            raise
-        except Exception as e:
-            # The objective's own errors are caught by optimize (catch=...); what escapes is the
-            # storage failing under Optuna's bookkeeping (a lost database connection, and what
-            # Optuna raises after it: "Cannot tell a FAIL trial" once the silent trial was
-            # failed by its heartbeat). The trial in flight is left to its heartbeat: whoever
-            # looks next, this worker once the server is back or another, fails and retries it.
-            lost += 1
-            reason = f"{type(e).__name__}: {first_line(e)}"
-            if lost >= MAX_STORAGE_ERRORS_IN_A_ROW:
-                return f"the storage kept failing ({reason})"
-            echo(f"{prefix}warning: storage call failed ({reason}); retrying")
-            time.sleep(min(job.heartbeat, 5) * lost)
+    try:
+        while printer.gave_up is None:
+            try:
+                for number in recover(study):
+                    echo(f"{prefix}trial {number}: its worker died; failed and enqueued again")
+                retries = pending_retries(study)
+                if not retries and (retries_only or finished_count(study) >= job.target):
+                    if retries_only and (unlabelled := unlabelled_running(study)):
+                        # nobody may be left to notice these (see unlabelled_running): wait until
+                        # each is labelled by a live worker elsewhere or old enough to fail and retry
+                        if not waiting_said:
+                            echo(f"{prefix}waiting on trial(s) {', '.join(str(t.number) for t in unlabelled)}: running "
+                                 f"with no worker recorded (a storage failure?); failed and retried after "
+                                 f"{unlabelled_grace(storage):.0f} s without one")
+                            waiting_said = True
+                        time.sleep(1)
+                        continue
+                    break
+                if deadline is not None and time.monotonic() >= deadline and not retries:
+                    break  # --timeout starts no new trial, but a dead worker's retry is still owed
+                if not stopping.room_for(next_trial_seconds(study, job)):
+                    due = stopping.stop_due()
+                    raise (RunStopped(due) if due else
+                           stopping.NoRoom("the next trial would not finish before the --stop-after deadline"))
+                if trials is None:
+                    trials = progress.start(job.target, finished_count(study), label="trials", unit="trial",
+                                            lines=False)
+                run_one_trial(study, objective, printer)
+                trials.update(finished_count(study))
+                lost = 0
+            except RunStopped:
+                raise
+            except Exception as e:
+                # The objective's own errors are caught by optimize (catch=...); what escapes is the
+                # storage failing under Optuna's bookkeeping (a lost database connection, and what
+                # Optuna raises after it: "Cannot tell a FAIL trial" once the silent trial was
+                # failed by its heartbeat). The trial in flight is left to its heartbeat: whoever
+                # looks next, this worker once the server is back or another, fails and retries it.
+                lost += 1
+                reason = f"{type(e).__name__}: {first_line(e)}"
+                if lost >= MAX_STORAGE_ERRORS_IN_A_ROW:
+                    return f"the storage kept failing ({reason})"
+                echo(f"{prefix}warning: storage call failed ({reason}); retrying")
+                time.sleep(min(job.heartbeat, 5) * lost)
+    finally:
+        if trials is not None:
+            trials.finish()
     return printer.gave_up
 
 
@@ -371,11 +384,12 @@ def _check_runnable(job: TuneJob) -> None:
 
 
 def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = None,
-         worker: int | None = None, echo: Callable[[str], None] = print) -> TuneSummary | None:
+         worker: int | None = None, echo: Callable[[str], None] = print, progress=None) -> TuneSummary | None:
     """`harness tune`: check, create or resume the study, run trials here or in `job.workers`
     processes (`worker_argv(study_name, i)` is worker i's command line), then run whatever
     retries of dead workers' trials remain, and summarise. A worker process (`worker` set)
-    only runs trials."""
+    only runs trials. `progress` (harness.progress; None: silent) shows the trials this
+    process runs."""
     from harness.data import registry as datasets
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created": we say it
@@ -393,7 +407,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        gave_up = run_worker(job, job.study_name or job.default_study_name(), worker, echo=echo)
+        gave_up = run_worker(job, job.study_name or job.default_study_name(), worker, echo=echo, progress=progress)
         if gave_up:
             raise HarnessError(f"worker {worker}: {gave_up}")  # exit status 1 tells the parent
         return None
@@ -410,7 +424,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
     problems: list[str] = []
     try:
         if job.workers == 1 or done >= job.target:
-            gave_up = run_worker(job, study.study_name, 0, storage, echo)
+            gave_up = run_worker(job, study.study_name, 0, storage, echo, progress=progress)
             problems += [gave_up] if gave_up else []
         else:
             problems = run_worker_processes(job, lambda i: worker_argv(study.study_name, i), echo)
@@ -420,7 +434,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
             # a worker killed last leaves its trial RUNNING (or its retry WAITING) with nobody left
             # to notice, and a storage failure can leave a trial with no worker at all: settle those
             # here, so the study is never summarised with a trial stranded or a retry owed
-            gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True)
+            gave_up = run_worker(job, study.study_name, 0, storage, echo, retries_only=True, progress=progress)
             problems += [gave_up] if gave_up else []
     except RunStopped as e:
         raise type(e)(stopped_line(study, job, str(e))) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -290,6 +291,9 @@ def test_two_workers_while_the_dashboard_polls(dashboard, tmp_path):
     assert all(t.state == COMPLETE for t in trials) and len(trials) >= 6
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers ran trials
     assert "[w1] trial" in output and "[w2] trial" in output and "started 2 workers (1 torch thread each)" in output
+    # workers share the terminal: a plain line per event (a trial started, finished), no epoch lines or bars
+    assert re.search(r"^\[w[12]\] trial \d+ \(\d/6\) started: layers=", output, re.M), output
+    assert not re.search(r"epoch \d+/2|[━╺╸] *(trial|epoch|batch) \d", output), output
     for text in (output, log.read_text()):
         assert "database is locked" not in text and "Traceback" not in text
     status, body = get(url + "/api/studies")
@@ -347,7 +351,7 @@ def test_results_dir_after_tune_reaches_the_job_and_its_workers(tmp_path, monkey
 
     seen = {}
 
-    def fake_tune(job, worker_argv, worker_index, echo):
+    def fake_tune(job, worker_argv, worker_index, echo, progress=None):
         seen.update(results_dir=job.results_dir, argv=worker_argv("sasrec-synthetic", 1))
 
     monkeypatch.setattr(harness.tune, "tune", fake_tune)
