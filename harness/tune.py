@@ -271,6 +271,27 @@ def next_trial_seconds(study: optuna.Study, job: TuneJob) -> float | None:
     return max(job.base.train.epochs - done, 1) * seconds
 
 
+def plan_line(study: optuna.Study, job: TuneJob, interactions: int) -> str:
+    """What is about to run and how long it may take, before the first trial: trials left, the
+    epoch cap, and an ETA from this study's own trials, else the job's cost model, else the
+    rough 1-thread CPU figures `harness paper` plans with (scaled by the data's size)."""
+    from harness.paper_plan import ROUGH_EVAL_SECONDS, ROUGH_SECONDS_PER_EPOCH, TOYS_INTERACTIONS, format_duration
+
+    left = job.target - finished_count(study)
+    cap, model = job.base.train.epochs, job.study_file.model
+    per_trial = next_trial_seconds(study, job)
+    source = "this study's trials so far" if per_trial is not None else ""
+    if per_trial is None:
+        rough = ROUGH_SECONDS_PER_EPOCH.get(model, max(ROUGH_SECONDS_PER_EPOCH.values()))
+        per_trial = cap * (rough + ROUGH_EVAL_SECONDS) * interactions / TOYS_INTERACTIONS
+        source = "rough 1-thread CPU figures; 2 threads or a GPU are faster"
+    extra = ("; the first trials also pre-train the LID encoders they need (cached)"
+             if model.startswith("igr-sr") else "")
+    return (f"plan: {plural(left, 'trial')} of {model} on {job.dataset}, each at most {plural(cap, 'epoch')} "
+            f"({job.pruner_name} pruning), on {plural(job.workers, 'worker')}: ETA <= "
+            f"{format_duration(left * per_trial / max(job.workers, 1))} if nothing is pruned ({source}){extra}")
+
+
 def stopped_line(study: optuna.Study, job: TuneJob, why: str) -> str:
     """The one line a stopped tune prints: trials done / target, what is left, the ETA."""
     from harness.paper_plan import format_duration
@@ -401,7 +422,7 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
                            "or edit the study file")
     _check_runnable(job)
     one_line_thread_errors(echo)
-    datasets.load(job.dataset, job.base.data_dir, job.base.cache_dir)  # a missing dataset: one line, now
+    data = datasets.load(job.dataset, job.base.data_dir, job.base.cache_dir)  # a missing dataset: one line, now
     if worker is not None:
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():
             import torch
@@ -414,6 +435,8 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
     storage = open_storage(job.storage_url, job.heartbeat, echo=echo)
     study, note = open_study(job, storage)
     study.set_user_attr("target", job.target)  # `--params best` takes the best of this many (budget_trials)
+    study.set_user_attr("sampler", {"name": job.study_file.sampler[0], "seed": job.sampler_seed,
+                                    "seeded": "per trial: (seed, trial number)"})
     echo(note)
     for number in recover(study):
         echo(f"trial {number}: its worker died; failed and enqueued again")
@@ -421,6 +444,8 @@ def tune(job: TuneJob, worker_argv: Callable[[str, int], list[str]] | None = Non
     if done >= job.target and not pending_retries(study):
         echo(f"the study already has {plural(done, 'finished trial')} (target {job.target}): nothing to run; "
              "raise --trials to continue it")
+    if done < job.target:
+        echo(plan_line(study, job, data.n_interactions))
     problems: list[str] = []
     try:
         if job.workers == 1 or done >= job.target:
