@@ -251,6 +251,12 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
         definition["train_by_model"] = own
     study.set_user_attr("experiment", definition)
     store = artifact_store(results_dir)
+    # the parameters a grid varies per model (sensitivity's k and m), named in each cell's line
+    values: dict[str, dict[str, set]] = {}
+    for c in cells:
+        for k, v in c.params:
+            values.setdefault(c.model, {}).setdefault(k, set()).add(json.dumps(v))
+    varying = {m: tuple(k for k, vs in params.items() if len(vs) > 1) for m, params in values.items()}
     tried: set[str] = set()  # cells that failed in this invocation with an error: not retried here
     if reuse:
         with claim_lock(storage, name, storage_url):
@@ -285,7 +291,7 @@ def run_experiment(kind: str, name: str, cells: list[Cell], base: RunSpec, stora
             continue
         try:
             ok = _run_cell(study, trial, by_key[key], key, base, store, echo,
-                           f"[{len(set(keys) & done) + 1}/{len(set(keys))}]")
+                           f"[{len(set(keys) & done) + 1}/{len(set(keys))}]", varying.get(by_key[key].model, ()))
         except RunStopped as e:
             raise RunStopped(f"{name} stopped ({e}): {len(set(keys) & done)} / {len(set(keys))} cells done, "
                              f"{len(set(keys) - done)} left (the one in flight continues from its checkpoint)") from None
@@ -336,7 +342,7 @@ def _cell_states(study: optuna.Study) -> tuple[set[str], set[str]]:
 
 
 def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, key: str, base: RunSpec, store,
-              echo: Callable[[str], None], counter: str) -> bool:
+              echo: Callable[[str], None], counter: str, shown: tuple[str, ...] = ()) -> bool:
     """Train one claimed cell and tell its result; False if it failed with an error."""
     # the cell as a user attr, not params: one-choice categoricals that differ between
     # trials of one study are refused by Optuna ("dynamic value space")
@@ -346,7 +352,9 @@ def _run_cell(study: optuna.Study, trial: optuna.Trial, cell: Cell, key: str, ba
         info["train"] = dict(cell.train)
     trial.set_user_attr("cell_info", info)
     spec = cell.run_spec(base)
-    echo(f"{counter} {cell.label} on {cell.dataset} seed {cell.seed}"
+    params = dict(cell.params)
+    echo(f"{counter} {cell.label} on {cell.dataset}" + "".join(f" {k}={params[k]}" for k in shown)
+         + f" seed {cell.seed}"
          + (f" noise {cell.noise:g}" if cell.noise else "")
          + (f" ({cell.noise_on} histories only)" if cell.noise and cell.noise_on != "all" else ""))
     checkpoint = cell_checkpoint(study.study_name, key, spec)

@@ -159,6 +159,9 @@ def test_sensitivity_grid_over_k_and_m(tmp_path):
     result = CliRunner().invoke(cli, args, env={"HARNESS_CACHE_DIR": str(tmp_path / "c")}, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "0 of 2 cells already done; running 2" in result.output
+    # each cell's line names the k and m it trains (what the grid varies), not m, which it does not
+    assert "[1/2] IGR-SR on synthetic k=2 seed 2020" in result.output
+    assert "[2/2] IGR-SR on synthetic k=4 seed 2020" in result.output
     tex = (tmp_path / "res" / "report" / "sensitivity-synthetic.tex").read_text()
     assert "k=2" in tex and "k=4" in tex and "m=1" in tex and "$^*$" not in tex
     assert r"$^\dagger$" in tex  # one epoch: the runs hit the cap
