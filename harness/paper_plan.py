@@ -501,11 +501,10 @@ def fit_budget(job: PaperJob, names: list[str], costs: dict[str, Cost], first_ru
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 90:
-        return f"{seconds} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+    """'42 s', '12 min', '3 h 05 min': the one duration format (harness.progress writes it)."""
+    from harness.progress import duration
+
+    return duration(seconds)
 
 
 def _cost_sources(job: PaperJob, costs: dict[str, Cost]) -> str:

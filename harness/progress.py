@@ -29,7 +29,7 @@ PROBLEM = re.compile(r"^(\[w\d+\] )?(warning|error)\b|\bfailed\b", re.IGNORECASE
 
 
 def duration(seconds: float) -> str:
-    """'42 s', '12 min', '3 h 05 min' (harness.paper_plan.format_duration's style)."""
+    """'42 s', '12 min', '3 h 05 min': how every plan, ETA and stop line says a duration."""
     seconds = max(0, int(round(seconds)))
     if seconds < 90:
         return f"{seconds} s"
